@@ -1,0 +1,45 @@
+"""adaptx: composable JAX gradient transformations that keep training stable.
+
+Every public transform is a factory returning an ``optax.GradientTransformationExtraArgs``;
+it chains with ``optax.chain``, runs under ``jax.jit`` and plugs into
+``flax.nnx.Optimizer``. What a transform measures (pre-clip norms, scales,
+thresholds, skip counters) lives in its state; :func:`telemetry` returns it as a
+flat dict of scalars.
+"""
+
+from adaptx._clipping.agc import adaptive_grad_clip
+from adaptx._clipping.block_rms import ClipByBlockRmsState, clip_by_block_rms
+from adaptx._clipping.global_norm import ClipByGlobalNormState, clip_by_global_norm
+from adaptx._clipping.value import clip_by_value
+from adaptx._momentum.ema import EmaState, ema
+from adaptx._momentum.momentum import MomentumState, momentum
+from adaptx._recipes.adamw import adamw
+from adaptx._recipes.sgd import sgd
+from adaptx._scaling.adagrad import ScaleByAdagradState, scale_by_adagrad
+from adaptx._scaling.adam import ScaleByAdamState, scale_by_adam
+from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
+from adaptx._telemetry import telemetry
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ClipByBlockRmsState",
+    "ClipByGlobalNormState",
+    "EmaState",
+    "MomentumState",
+    "ScaleByAdagradState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "adamw",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_value",
+    "ema",
+    "momentum",
+    "scale_by_adagrad",
+    "scale_by_adam",
+    "scale_by_rms",
+    "sgd",
+    "telemetry",
+)

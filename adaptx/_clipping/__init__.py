@@ -1,0 +1,1 @@
+"""Clipping: bound the size of the gradient before it reaches the optimizer."""

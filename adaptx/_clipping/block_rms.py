@@ -1,0 +1,81 @@
+"""Per-tensor RMS clipping."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaptx._core import tree as tu
+from adaptx._core import validate
+from adaptx._core.telemetry import reports
+
+
+@reports("clip_by_block_rms", "num_clipped")
+class ClipByBlockRmsState(NamedTuple):
+    """State of :func:`clip_by_block_rms`.
+
+    Attributes:
+      num_clipped: how many tensors (blocks) were rescaled at the last step (int32).
+    """
+
+    num_clipped: jax.Array
+
+
+def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformationExtraArgs:
+    r"""Scales each tensor so that its root-mean-square is at most ``threshold``.
+
+    For every leaf (block) :math:`g_b` with :math:`n_b` elements:
+
+    .. math::
+
+      \operatorname{rms}(g_b) = \sqrt{\tfrac{1}{n_b} \textstyle\sum_j g_{b,j}^2}, \qquad
+      g_b \leftarrow \frac{g_b}{\max\!\left(1, \operatorname{rms}(g_b) / \tau\right)} .
+
+    The mean of squares is accumulated in float32 or wider. Gives the same numbers
+    as ``optax.clip_by_block_rms``. The state counts how many blocks were clipped.
+
+    Args:
+      threshold: the bound :math:`\tau > 0` on each block's RMS. May be a tracer.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, adaptx
+      >>> tx = adaptx.clip_by_block_rms(1.0)
+      >>> grads = {"a": jnp.array([2.0, -2.0]), "b": jnp.array([0.5, 0.5])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> updates["a"], updates["b"]
+      (Array([ 1., -1.], dtype=float32), Array([0.5, 0.5], dtype=float32))
+      >>> int(state.num_clipped)
+      1
+
+    References:
+      Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
+      Cost <https://arxiv.org/abs/1804.04235>`_, 2018 (update clipping by block RMS).
+    """
+    validate.check_positive("clip_by_block_rms", "threshold", threshold)
+
+    def init_fn(params):
+        del params
+        return ClipByBlockRmsState(num_clipped=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        tu.check_float_leaves("clip_by_block_rms", updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        out, clipped = [], []
+        for g in leaves:
+            acc = tu.compute_dtype(g.dtype)
+            g32 = g.astype(acc)
+            rms = jnp.sqrt(jnp.mean(jnp.square(g32)))
+            denom = jnp.maximum(jnp.ones([], acc), rms / tu.as_scalar(threshold, acc))
+            clipped.append((denom > 1).astype(jnp.int32))
+            out.append((g32 * (1 / denom)).astype(g.dtype))
+        num = sum(clipped[1:], clipped[0]) if clipped else jnp.zeros([], jnp.int32)
+        return jax.tree.unflatten(treedef, out), ClipByBlockRmsState(num_clipped=num)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

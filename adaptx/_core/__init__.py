@@ -1,0 +1,1 @@
+"""Shared machinery: validation, tree numerics, telemetry registration."""

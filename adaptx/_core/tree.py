@@ -1,0 +1,137 @@
+"""Tree numerics shared by the transforms.
+
+Two rules keep every chained update at the memory-bandwidth floor:
+
+* A quantity that depends only on the step (bias corrections, clip scales) is a
+  scalar computed once, then broadcast by a multiply; never a per-element select
+  or divide.
+* Arithmetic happens in float32 or wider whatever a leaf's storage dtype, and the
+  result is cast back to the storage dtype. The upcast lives in registers inside
+  the fused elementwise pass, so it costs no memory traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Tree = Any
+
+
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+    """The dtype arithmetic happens in: float32, or wider if any input is wider."""
+    out = jnp.dtype(jnp.float32)
+    for dt in dtypes:
+        if dt is not None:
+            out = jnp.promote_types(out, dt)
+    return out
+
+
+def as_scalar(x: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """A hyperparameter (Python number or possibly traced array) as a scalar of ``dtype``."""
+    return jnp.asarray(x).astype(dtype)
+
+
+def _path_str(path: tuple) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_float_leaves(fn: str, tree: Tree, what: str = "updates") -> None:
+    """Raises ``TypeError`` naming the first leaf that is not floating point.
+
+    Runs at trace time only; costs nothing inside a compiled step.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dt = getattr(leaf, "dtype", None)
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(
+                f"{fn}: {what} leaf {_path_str(path)} has dtype {dt}; adaptx transforms act on "
+                "floating-point leaves only. Remove integer leaves from the tree, or exclude "
+                "them with `optax.masked(tx, mask)`."
+            )
+
+
+def check_same_structure(fn: str, a: Tree, b: Tree, a_name: str, b_name: str) -> None:
+    """Raises ``ValueError`` naming both structures when two trees differ."""
+    sa = jax.tree.structure(a, is_leaf=lambda x: x is None)
+    sb = jax.tree.structure(b, is_leaf=lambda x: x is None)
+    if sa != sb:
+        raise ValueError(
+            f"{fn}: the {a_name} tree and the {b_name} tree have different structures.\n"
+            f"  {a_name}: {sa}\n  {b_name}: {sb}\n"
+            "Pass the same tree structure the state was initialised with."
+        )
+
+
+def sum_of_squares(tree: Tree) -> jax.Array:
+    """Sum of squares of every element of ``tree``, accumulated in float32 or wider.
+
+    bf16/f16 leaves are upcast inside the reduction, so a tree whose true norm
+    overflows the storage dtype still yields a finite, correct result.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    acc = compute_dtype(*(x.dtype for x in leaves))
+    parts = [jnp.sum(jnp.square(x.astype(acc))) for x in leaves]
+    return sum(parts[1:], parts[0])
+
+
+def global_norm(tree: Tree, axis_name: Any = None) -> jax.Array:
+    r"""Global L2 norm :math:`\sqrt{\sum_i \|g_i\|_2^2}`, reduced across ``axis_name`` if given."""
+    sq = sum_of_squares(tree)
+    if axis_name is not None:
+        sq = jax.lax.psum(sq, axis_name)
+    return jnp.sqrt(sq)
+
+
+def scale(tree: Tree, s: jax.Array) -> Tree:
+    """Multiplies every leaf by the scalar ``s``, in float32 or wider, keeping each leaf's dtype."""
+
+    def f(x):
+        acc = compute_dtype(x.dtype, s.dtype)
+        return (x.astype(acc) * s.astype(acc)).astype(x.dtype)
+
+    return jax.tree.map(f, tree)
+
+
+def zeros_like(tree: Tree, dtype: Any = None) -> Tree:
+    return optax.tree.zeros_like(tree, dtype=dtype)
+
+
+def full_like(tree: Tree, value: Any, dtype: Any = None) -> Tree:
+    return optax.tree.full_like(tree, value, dtype=dtype)
+
+
+def canonical_dtype(dtype: Any) -> Any:
+    """``None`` stays ``None``; anything else becomes the canonical JAX dtype."""
+    if dtype is None:
+        return None
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """``count + 1``, saturating at the dtype's maximum instead of wrapping."""
+    maximum = np.iinfo(count.dtype).max
+    return jnp.where(count < maximum, count + 1, count).astype(count.dtype)
+
+
+def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
+    r""":math:`1 - \beta^t` as a float32 scalar, computed once per step (not per leaf)."""
+    decay = as_scalar(decay)
+    return 1.0 - decay ** count.astype(jnp.float32)
+
+
+def unzip(out: Tree, like: Tree, n: int) -> tuple[Tree, ...]:
+    """Splits a tree of ``n``-tuples, shaped like ``like``, into ``n`` trees.
+
+    Lets one per-leaf function return the update and every new state array, so a
+    transform is a single ``tree.map`` (one fused elementwise pass per leaf).
+    """
+    treedef = jax.tree.structure(like)
+    leaves = treedef.flatten_up_to(out)
+    return tuple(treedef.unflatten([t[i] for t in leaves]) for i in range(n))

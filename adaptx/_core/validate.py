@@ -1,0 +1,140 @@
+"""Construction-time validation of hyperparameters.
+
+Hyperparameters may be tracers (under :func:`optax.inject_hyperparams` or inside a
+jitted factory call). Only concrete values are checked; a tracer passes through
+untouched, so injected schedules keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_scalar(value: Any) -> float | None:
+    """Returns ``value`` as a Python float if it is a concrete real scalar, else ``None``."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if callable(value):  # a schedule
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception:  # noqa: BLE001 - anything not array-like is not checkable
+        return None
+    if arr.ndim != 0 or arr.dtype.kind not in "biuf":
+        return None
+    return float(arr)
+
+
+def _fail(fn: str, name: str, value: Any, requirement: str, example: str) -> None:
+    raise ValueError(
+        f"{fn}: `{name}` must be {requirement}, got {name}={value!r}. "
+        f"Pass e.g. {name}={example}."
+    )
+
+
+def check_range(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    example: str = "1.0",
+) -> None:
+    """Raises ``ValueError`` naming ``name`` and ``value`` if a concrete value is out of range.
+
+    A concrete value that is not a real number (a string, a list) also raises.
+    NaN is always out of range.
+    """
+    if isinstance(value, str | bytes | list | tuple | dict) or value is None:
+        _fail(fn, name, value, "a real number", example)
+    x = concrete_scalar(value)
+    if x is None:
+        if isinstance(value, jax.core.Tracer) or callable(value):
+            return
+        try:
+            arr = np.asarray(value)
+        except Exception:  # noqa: BLE001
+            arr = None
+        if arr is not None and arr.ndim != 0:
+            _fail(fn, name, value, "a scalar", example)
+        if arr is not None and arr.dtype.kind not in "biuf":
+            _fail(fn, name, value, "a real number", example)
+        return
+    parts = []
+    ok = not np.isnan(x)
+    if low is not None:
+        ok &= x >= low if low_inclusive else x > low
+        parts.append(f"{'>=' if low_inclusive else '>'} {low:g}")
+    if high is not None:
+        ok &= x <= high if high_inclusive else x < high
+        parts.append(f"{'<=' if high_inclusive else '<'} {high:g}")
+    if not ok:
+        _fail(fn, name, value, " and ".join(parts) or "a finite number", example)
+
+
+def check_nonnegative(fn: str, name: str, value: Any, example: str = "1.0") -> None:
+    check_range(fn, name, value, low=0.0, example=example)
+
+
+def check_positive(fn: str, name: str, value: Any, example: str = "1.0") -> None:
+    check_range(fn, name, value, low=0.0, low_inclusive=False, example=example)
+
+
+def check_decay(fn: str, name: str, value: Any, example: str = "0.9") -> None:
+    """A decay rate must lie in [0, 1)."""
+    check_range(fn, name, value, low=0.0, high=1.0, high_inclusive=False, example=example)
+
+
+def check_int(
+    fn: str, name: str, value: Any, *, low: int = 0, allow_none: bool = False, example: str = "1"
+) -> None:
+    """Checks a structural integer (array sizes, step counts): it must be concrete."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        _fail(fn, name, value, f"an integer >= {low}", example)
+    if value < low:
+        _fail(fn, name, value, f"an integer >= {low}", example)
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(
+            f"{fn}: `{name}` must be one of {options}, got {name}={value!r}. "
+            f"Pass e.g. {name}={choices[0]!r}."
+        )
+
+
+def check_dtype(fn: str, name: str, value: Any) -> None:
+    """A state dtype must be ``None`` or a floating dtype."""
+    if value is None:
+        return
+    try:
+        dt = np.dtype(jax.dtypes.canonicalize_dtype(value))
+    except TypeError:
+        dt = None
+    if dt is None or not jax.dtypes.issubdtype(dt, np.floating):
+        raise ValueError(
+            f"{fn}: `{name}` must be None or a floating dtype, got {name}={value!r}. "
+            f"Pass e.g. {name}=jnp.float32."
+        )
+
+
+NO_PARAMS_MSG = (
+    "{fn}: this transformation needs the current parameters, but `params` is None. "
+    "Call `tx.update(grads, opt_state, params)`."
+)
+
+
+def require_params(fn: str, params: Any) -> None:
+    if params is None:
+        raise ValueError(NO_PARAMS_MSG.format(fn=fn))

@@ -1,0 +1,1 @@
+"""Momentum: smooth the gradient over steps."""

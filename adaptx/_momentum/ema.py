@@ -1,0 +1,83 @@
+"""Exponential moving average of the updates."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaptx._core import tree as tu
+from adaptx._core import validate
+
+
+class EmaState(NamedTuple):
+    """State of :func:`ema`.
+
+    Attributes:
+      count: number of updates averaged so far (int32, saturating).
+      ema: the (not bias-corrected) moving average, one array per parameter.
+    """
+
+    count: jax.Array
+    ema: optax.Updates
+
+
+def ema(
+    decay: float | jax.Array, *, debias: bool = True, dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Exponential moving average of the updates, optionally bias-corrected.
+
+    .. math::
+
+      e_t = \beta e_{t-1} + (1-\beta) g_t, \qquad
+      u_t = \begin{cases} e_t / (1-\beta^t) & \text{debias} \\ e_t & \text{otherwise.} \end{cases}
+
+    Same numbers as ``optax.ema``. The bias correction is one scalar per step.
+
+    Args:
+      decay: :math:`\beta \in [0, 1)`.
+      debias: divide by :math:`1-\beta^t` so early averages are not biased to zero.
+      dtype: storage dtype of the average (default: the parameter's dtype).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, adaptx
+      >>> tx = adaptx.ema(0.9)
+      >>> u, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+      >>> u                     # debiased: the first average is the first value
+      Array([2.], dtype=float32)
+
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014 (Section 3, bias correction).
+    """
+    fn = "ema"
+    validate.check_decay(fn, "decay", decay)
+    validate.check_dtype(fn, "dtype", dtype)
+    dtype = tu.canonical_dtype(dtype)
+
+    def init_fn(params):
+        return EmaState(count=jnp.zeros([], jnp.int32), ema=tu.zeros_like(params, dtype=dtype))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        tu.check_float_leaves(fn, updates)
+        tu.check_same_structure(fn, updates, state.ema, "updates", "state.ema")
+        count = tu.safe_increment(state.count)
+        beta = tu.as_scalar(decay, jnp.float32)
+        k = 1.0 / tu.bias_correction(beta, count) if debias else jnp.ones([], jnp.float32)
+
+        def leaf(g, e):
+            acc = tu.compute_dtype(g.dtype, e.dtype)
+            b = beta.astype(acc)
+            e_ = (1 - b) * g.astype(acc) + b * e.astype(acc)
+            return (e_ * k.astype(acc)).astype(g.dtype), e_.astype(e.dtype)
+
+        u, avg = tu.unzip(jax.tree.map(leaf, updates, state.ema), updates, 2)
+        return u, EmaState(count=count, ema=avg)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,1 @@
+"""Recipes: complete optimizers assembled from adaptx transforms."""

@@ -1,0 +1,83 @@
+"""AdamW with global-norm clipping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from adaptx._core import validate
+from adaptx._recipes.common import check_learning_rate, optional_clip
+from adaptx._scaling.adam import scale_by_adam
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    max_norm: float | None = 1.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdamW (decoupled weight decay) behind global-norm gradient clipping.
+
+    .. math::
+
+      \tilde g_t = \min\!\left(1, \tfrac{c}{\|g_t\|}\right) g_t, \qquad
+      \theta_t = \theta_{t-1} - \eta_t \left( \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+        + \lambda\, \theta_{t-1} \right)
+
+    with :math:`\hat m_t, \hat v_t` Adam's bias-corrected moments of
+    :math:`\tilde g`. Equal to ``optax.chain(optax.clip_by_global_norm(c),
+    optax.adamw(...))``, with the pre-clip norm kept for :func:`adaptx.telemetry`.
+
+    Args:
+      learning_rate: :math:`\eta`, a number or an optax schedule ``step -> lr``.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: denominator floor.
+      weight_decay: :math:`\lambda \ge 0`, decoupled weight decay.
+      max_norm: global-norm bound :math:`c`; ``None`` disables clipping.
+      mask: a tree of booleans (or a function of the params returning one) saying
+        which parameters are decayed; typically excludes biases and norms.
+      mu_dtype: storage dtype of the first moment.
+      nu_dtype: storage dtype of the second moment.
+      nesterov: use NAdam's Nesterov momentum.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+      when ``weight_decay`` is not zero.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, adaptx
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = adaptx.adamw(1e-3, weight_decay=0.01)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> adaptx.telemetry(state)
+      {'clip_by_global_norm/grad_norm': Array(3.4641..., dtype=float32),
+       'clip_by_global_norm/scale': Array(0.2886..., dtype=float32)}
+
+    References:
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+    """
+    fn = "adamw"
+    check_learning_rate(fn, learning_rate)
+    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
+    if max_norm is not None:
+        validate.check_nonnegative(fn, "max_norm", max_norm)
+    return optax.chain(
+        optional_clip(max_norm),
+        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

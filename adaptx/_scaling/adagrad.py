@@ -1,0 +1,87 @@
+"""AdaGrad's accumulated-square rescaling."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaptx._core import tree as tu
+from adaptx._core import validate
+
+
+class ScaleByAdagradState(NamedTuple):
+    """State of :func:`scale_by_adagrad`.
+
+    Attributes:
+      sum_of_squares: accumulated squared gradients, one array per parameter.
+    """
+
+    sum_of_squares: optax.Updates
+
+
+def scale_by_adagrad(
+    initial_accumulator_value: float | jax.Array = 0.1,
+    eps: float | jax.Array = 1e-7,
+    *,
+    dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rescales updates by the root of the sum of all past squared gradients (AdaGrad).
+
+    .. math::
+
+      G_t = G_{t-1} + g_t^2, \qquad
+      u_t = \begin{cases} g_t / \sqrt{G_t + \epsilon} & G_t > 0 \\ 0 & G_t = 0 \end{cases}
+
+    with :math:`G_0` = ``initial_accumulator_value``. Same numbers as
+    ``optax.scale_by_rss`` (the rescaling inside ``optax.adagrad``).
+
+    Args:
+      initial_accumulator_value: :math:`G_0 \ge 0`.
+      eps: :math:`\epsilon \ge 0`, numerical floor inside the square root.
+      dtype: storage dtype of :math:`G` (default: the parameter's dtype).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, adaptx
+      >>> tx = adaptx.scale_by_adagrad(initial_accumulator_value=0.0, eps=0.0)
+      >>> updates, _ = tx.update(jnp.array([3.0, -4.0]), tx.init(jnp.zeros(2)))
+      >>> updates
+      Array([ 1., -1.], dtype=float32)
+
+    References:
+      Duchi et al., `Adaptive Subgradient Methods for Online Learning and Stochastic
+      Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, 2011.
+    """
+    fn = "scale_by_adagrad"
+    validate.check_nonnegative(fn, "initial_accumulator_value", initial_accumulator_value, "0.1")
+    validate.check_nonnegative(fn, "eps", eps, example="1e-7")
+    validate.check_dtype(fn, "dtype", dtype)
+    dtype = tu.canonical_dtype(dtype)
+
+    def init_fn(params):
+        return ScaleByAdagradState(
+            sum_of_squares=tu.full_like(params, initial_accumulator_value, dtype=dtype)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        tu.check_float_leaves(fn, updates)
+        tu.check_same_structure(fn, updates, state.sum_of_squares, "updates", "state")
+        e = tu.as_scalar(eps, jnp.float32)
+
+        def leaf(g, s):
+            acc = tu.compute_dtype(g.dtype, s.dtype)
+            g_ = g.astype(acc)
+            s_ = s.astype(acc) + g_ * g_
+            u = jnp.where(s_ > 0, g_ * jax.lax.rsqrt(s_ + e.astype(acc)), jnp.zeros([], acc))
+            return u.astype(g.dtype), s_.astype(s.dtype)
+
+        u, sos = tu.unzip(jax.tree.map(leaf, updates, state.sum_of_squares), updates, 2)
+        return u, ScaleByAdagradState(sum_of_squares=sos)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

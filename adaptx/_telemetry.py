@@ -1,0 +1,85 @@
+"""Reading what adaptx transforms measured out of any optimizer state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adaptx._core.telemetry import registered
+
+
+def _unwrap(x: Any) -> Any:
+    """The array inside a ``flax.nnx`` variable (``OptArray``), or ``x`` itself."""
+    if hasattr(x, "get_value") and not isinstance(x, jax.Array):
+        return x.get_value()
+    return x
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _scalar(x: Any) -> jax.Array:
+    x = jnp.asarray(_unwrap(x))
+    return x if x.ndim == 0 else jnp.mean(x.astype(jnp.float32))
+
+
+def find_states(opt_state: Any, cls: type | None = None) -> list[tuple[str, Any]]:
+    """Every registered adaptx state inside ``opt_state`` (optionally of one class), with its path."""
+    opt_state = getattr(opt_state, "opt_state", opt_state)  # a flax.nnx.Optimizer
+    found = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda x: registered(x) is not None
+    )[0]
+    out = []
+    for path, node in found:
+        if registered(node) is None or (cls is not None and not isinstance(node, cls)):
+            continue
+        out.append(("/".join(_key_name(k) for k in path), node))
+    return out
+
+
+def telemetry(opt_state: Any) -> dict[str, jax.Array]:
+    """Every figure adaptx transforms keep in their state, as a flat dict of scalars.
+
+    Walks any optimizer state: adaptx transforms nested anywhere inside
+    ``optax.chain``, ``optax.masked``, ``optax.inject_hyperparams``,
+    ``optax.MultiSteps``, :func:`adaptx.guard`, or the ``opt_state`` of a
+    ``flax.nnx.Optimizer`` (pass the optimizer or its ``opt_state``). Keys are
+    ``"<transform>/<figure>"``, e.g. ``"clip_by_global_norm/grad_norm"``; when a
+    transform appears more than once, each key is prefixed with its path in the
+    state tree (``"0/clip_by_global_norm/grad_norm"``). Values are 0-d
+    ``jax.Array``; a per-tensor figure is reported by its mean.
+
+    Pure and cheap: inside ``jax.jit`` it adds no computation beyond those means,
+    and outside it performs no host transfer, so it can be returned from a jitted
+    train step and logged asynchronously.
+
+    Args:
+      opt_state: an optimizer state, or a ``flax.nnx.Optimizer``.
+
+    Returns:
+      ``dict[str, jax.Array]`` of scalars, in the order the transforms appear in
+      the state; empty if the state holds no adaptx measurements.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, adaptx
+      >>> tx = optax.chain(adaptx.clip_by_global_norm(1.0), optax.sgd(0.1))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({"w": jnp.array([6.0, 8.0])}, state)
+      >>> {k: float(v) for k, v in adaptx.telemetry(state).items()}
+      {'clip_by_global_norm/grad_norm': 10.0, 'clip_by_global_norm/scale': 0.1}
+    """
+    states = find_states(opt_state)
+    names = [registered(node)[0] for _, node in states]
+    out: dict[str, jax.Array] = {}
+    for (path, node), name in zip(states, names, strict=True):
+        prefix = name if names.count(name) == 1 else f"{path}/{name}"
+        for field in registered(node)[1]:
+            out[f"{prefix}/{field}"] = _scalar(getattr(node, field))
+    return out
