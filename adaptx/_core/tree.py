@@ -26,8 +26,8 @@ def compute_dtype(*dtypes: Any) -> jnp.dtype:
     """The dtype arithmetic happens in: float32, or wider if any input is wider."""
     out = jnp.dtype(jnp.float32)
     for dt in dtypes:
-        if dt is not None:
-            out = jnp.promote_types(out, dt)
+        if dt is not None and jnp.dtype(dt).itemsize > out.itemsize:
+            out = jnp.dtype(dt)
     return out
 
 
