@@ -7,10 +7,13 @@ thresholds, skip counters) lives in its state; :func:`telemetry` returns it as a
 flat dict of scalars.
 """
 
+from adaptx._clipping.adagc import AdaGCState, adagc
 from adaptx._clipping.agc import adaptive_grad_clip
+from adaptx._clipping.autoclip import AutoClipState, autoclip
 from adaptx._clipping.block_rms import ClipByBlockRmsState, clip_by_block_rms
 from adaptx._clipping.global_norm import ClipByGlobalNormState, clip_by_global_norm
 from adaptx._clipping.value import clip_by_value
+from adaptx._clipping.zclip import ZClipState, zclip
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
 from adaptx._recipes.adamw import adamw
@@ -23,6 +26,8 @@ from adaptx._telemetry import telemetry
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaGCState",
+    "AutoClipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "EmaState",
@@ -30,8 +35,11 @@ __all__ = (
     "ScaleByAdagradState",
     "ScaleByAdamState",
     "ScaleByRmsState",
+    "ZClipState",
+    "adagc",
     "adamw",
     "adaptive_grad_clip",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
@@ -42,4 +50,5 @@ __all__ = (
     "scale_by_rms",
     "sgd",
     "telemetry",
+    "zclip",
 )

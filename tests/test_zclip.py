@@ -83,12 +83,19 @@ def scripted_grads(steps, spikes, seed=0):
         norm *= spikes.get(t, 1.0)
         w, b = rng.standard_normal((3, 4)), rng.standard_normal(5)
         total = np.sqrt(np.sum(w**2) + np.sum(b**2))
-        out.append({"w": jnp.asarray(w * norm / total, jnp.float32), "b": jnp.asarray(b * norm / total, jnp.float32)})
+        out.append(
+            {
+                "w": jnp.asarray(w * norm / total, jnp.float32),
+                "b": jnp.asarray(b * norm / total, jnp.float32),
+            }
+        )
     return out
 
 
 def norm64(tree):
-    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+    return float(
+        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    )
 
 
 def grads_with_norm(norm):

@@ -72,6 +72,9 @@ def adamw(
     """
     fn = "adamw"
     check_learning_rate(fn, learning_rate)
+    validate.check_decay(fn, "b1", b1)
+    validate.check_decay(fn, "b2", b2, example="0.999")
+    validate.check_nonnegative(fn, "eps", eps, example="1e-8")
     validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
