@@ -39,7 +39,8 @@ def test_clipped_norm_never_exceeds_the_bound(grads, max_norm):
     updates, state = tx.update(grads, tx.init(grads))
     assert np_norm(updates) <= max_norm * (1 + 1e-5) + 1e-30
     assert 0.0 <= float(state.scale) <= 1.0
-    np.testing.assert_allclose(float(state.grad_norm), np_norm(grads), rtol=1e-5)
+    # Squares below float32's smallest normal (norms under ~1e-19) flush to zero.
+    np.testing.assert_allclose(float(state.grad_norm), np_norm(grads), rtol=1e-5, atol=1e-18)
 
 
 @SETTINGS
