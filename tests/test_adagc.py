@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import adaptx
 
@@ -331,6 +333,39 @@ def test_telemetry_reports_every_figure_as_a_scalar():
     figures = adaptx.telemetry(state)
     assert list(figures) == ["adagc/grad_norm", "adagc/num_clipped", "adagc/gamma_mean"]
     assert all(v.shape == () for v in figures.values())
+
+
+PROPERTY_STEPS = 10
+PROPERTY_TX = adaptx.adagc(lambda_abs=5.0, warmup_steps=3)
+PROPERTY_UPDATE = jax.jit(PROPERTY_TX.update)
+tensor_norm_rows = st.lists(
+    st.tuples(*[st.one_of(st.just(0.0), st.floats(1e-3, 1e4))] * 3),
+    min_size=PROPERTY_STEPS,
+    max_size=PROPERTY_STEPS,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tensor_norm_rows)
+def test_property_each_tensor_is_bounded_by_lambda_rel_times_its_reference(rows):
+    rng = np.random.default_rng(0)
+    state = PROPERTY_TX.init({k: jnp.zeros(SHAPES[k]) for k in NAMES})
+    for t, norms in enumerate(rows, start=1):
+        g = {}
+        for k, n in zip(NAMES, norms, strict=True):
+            x = rng.standard_normal(SHAPES[k])
+            g[k] = jnp.asarray(x / np.linalg.norm(x) * n, jnp.float32)
+        prev = state
+        updates, state = PROPERTY_UPDATE(g, state)
+        out, inp = tensor_norms(updates), tensor_norms(g)
+        for i, k in enumerate(NAMES):
+            assert out[i] <= inp[i] * (1 + 1e-6) + 1e-30
+            gamma = float(prev.gamma[k])
+            if t > 3 and gamma > 0:
+                assert out[i] <= 1.05 * gamma * (1 + 1e-5)
+            assert np.isfinite(float(state.gamma[k])) and float(state.gamma[k]) >= 0
+        if t <= 3:
+            assert np.sqrt(sum(x * x for x in out)) <= 5.0 * (1 + 1e-5)
 
 
 SHARD_MAP_SCRIPT = textwrap.dedent(

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import adaptx
 
@@ -248,6 +250,30 @@ def test_telemetry_reports_every_figure_as_a_scalar():
     figures = adaptx.telemetry(state)
     assert list(figures) == ["autoclip/grad_norm", "autoclip/threshold", "autoclip/scale"]
     assert all(v.shape == () for v in figures.values())
+
+
+PROPERTY_STEPS = 12
+PROPERTY_TX = adaptx.autoclip(percentile=20.0, history=5)
+PROPERTY_UPDATE = jax.jit(PROPERTY_TX.update)
+norm_sequences = st.lists(
+    st.one_of(st.just(0.0), st.floats(1e-3, 1e4)), min_size=PROPERTY_STEPS, max_size=PROPERTY_STEPS
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(norm_sequences)
+def test_property_update_norm_is_bounded_by_the_window_percentile(norms):
+    directions = np.random.default_rng(0).standard_normal((PROPERTY_STEPS, 6))
+    state = PROPERTY_TX.init({"w": jnp.zeros(6)})
+    window = []
+    for n, d in zip(norms, directions, strict=True):
+        g = {"w": jnp.asarray(d / np.linalg.norm(d) * n, jnp.float32)}
+        updates, state = PROPERTY_UPDATE(g, state)
+        window = ([*window, norm64(g)])[-5:]
+        threshold = float(state.threshold)
+        assert min(window) * (1 - 1e-6) <= threshold <= max(window) * (1 + 1e-6)
+        assert 0.0 <= float(state.scale) <= 1.0
+        assert norm64(updates) <= min(norm64(g), threshold) * (1 + 1e-5) + 1e-30
 
 
 SHARD_MAP_SCRIPT = textwrap.dedent(

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import adaptx
 
@@ -431,6 +433,33 @@ def test_telemetry_reports_every_figure_as_a_scalar():
     assert list(figures) == [f"zclip/{f}" for f in fields]
     assert all(v.shape == () for v in figures.values())
     np.testing.assert_allclose(float(figures["zclip/std"]), np.sqrt(float(state.var)))
+
+
+PROPERTY_STEPS = 14
+PROPERTY_TX = adaptx.zclip(alpha=0.8, warmup_steps=4, max_norm=1e3)
+PROPERTY_UPDATE = jax.jit(PROPERTY_TX.update)
+norm_sequences = st.lists(
+    st.one_of(st.just(0.0), st.floats(1e-3, 1e5)), min_size=PROPERTY_STEPS, max_size=PROPERTY_STEPS
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(norm_sequences)
+def test_property_spikes_are_clipped_below_the_detection_threshold(norms):
+    directions = np.random.default_rng(0).standard_normal((PROPERTY_STEPS, 6))
+    state = PROPERTY_TX.init({"w": jnp.zeros(6)})
+    for n, d in zip(norms, directions, strict=True):
+        g = {"w": jnp.asarray(d / np.linalg.norm(d) * n, jnp.float32)}
+        prev = state
+        updates, state = PROPERTY_UPDATE(g, state)
+        out = norm64(updates)
+        assert 0.0 <= float(state.scale) <= 1.0
+        assert out <= min(norm64(g), 1e3) * (1 + 1e-5) + 1e-30
+        if int(state.spike):
+            # The adaptive threshold lies between the mean and mean + z_thresh * std.
+            bound = float(prev.mean) + 2.5 * np.sqrt(float(prev.var))
+            assert out <= bound * (1 + 1e-5) + 1e-30
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
 SHARD_MAP_SCRIPT = textwrap.dedent(
