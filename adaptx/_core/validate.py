@@ -93,11 +93,30 @@ def check_decay(fn: str, name: str, value: Any, example: str = "0.9") -> None:
 
 
 def check_int(
-    fn: str, name: str, value: Any, *, low: int = 0, allow_none: bool = False, example: str = "1"
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: int = 0,
+    allow_none: bool = False,
+    traced_ok: bool = False,
+    example: str = "1",
 ) -> None:
-    """Checks a structural integer (array sizes, step counts): it must be concrete."""
+    """Checks an integer hyperparameter.
+
+    With ``traced_ok`` (a count used only in arithmetic, not in shapes), integer
+    arrays and tracers are accepted, as ``optax.inject_hyperparams`` passes them;
+    otherwise the value must be a concrete Python integer (it sizes an array or
+    steers tracing).
+    """
     if value is None and allow_none:
         return
+    if traced_ok and isinstance(value, jax.core.Tracer):
+        return
+    if traced_ok and isinstance(value, jax.Array | np.ndarray | np.integer):
+        arr = np.asarray(value)
+        if arr.ndim == 0 and arr.dtype.kind in "iu":
+            value = int(arr)
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         _fail(fn, name, value, f"an integer >= {low}", example)
     if value < low:

@@ -10,6 +10,7 @@ import optax
 
 from adaptx._core import tree as tu
 from adaptx._core import validate
+from adaptx._core.telemetry import reports
 
 
 class ScaleByAdamState(NamedTuple):
@@ -26,6 +27,32 @@ class ScaleByAdamState(NamedTuple):
     nu: optax.Updates
 
 
+@reports("scale_by_adam", "spikes", "update_clipped", "max_update_rms", "momentum_scale")
+class ScaleByAdamGuardedState(NamedTuple):
+    r"""State of :func:`scale_by_adam` when SPAM or update clipping is switched on.
+
+    Attributes:
+      count: number of updates applied so far (int32, saturating).
+      mu: first-moment estimate, one array per parameter, in ``mu_dtype``.
+      nu: second-moment estimate, one array per parameter, in ``nu_dtype``.
+      spikes: gradient elements clipped by the spike rule at the last step (int32).
+      update_clipped: tensors whose step was scaled down by update clipping at the
+        last step (int32).
+      max_update_rms: largest per-tensor :math:`\sqrt{\mathrm{mean}(g^2/\hat v)}` at
+        the last step (float32; 0 when update clipping is off).
+      momentum_scale: SPAM's post-reset warm-up factor applied at the last step
+        (float32; 1 outside a warm-up).
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    spikes: jax.Array
+    update_clipped: jax.Array
+    max_update_rms: jax.Array
+    momentum_scale: jax.Array
+
+
 def scale_by_adam(
     b1: float | jax.Array = 0.9,
     b2: float | jax.Array = 0.999,
@@ -35,8 +62,13 @@ def scale_by_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     nesterov: bool = False,
+    spike_threshold: float | jax.Array | None = None,
+    reset_interval: int | None = None,
+    reset_warmup: int = 150,
+    spike_start: int = 20,
+    update_rms_clip: float | jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Rescales updates by Adam's bias-corrected moment estimates.
+    r"""Rescales updates by Adam's bias-corrected moment estimates, with optional spike defenses.
 
     With :math:`t` the step count (starting at 1) and :math:`g_t` the incoming gradient:
 
@@ -57,6 +89,45 @@ def scale_by_adam(
     configurable (``optax`` only lets you choose ``mu``'s). The returned update has
     the gradient's dtype.
 
+    **Spike-aware clipping (SPAM, Huang et al. 2025).** With ``spike_threshold``
+    :math:`\theta`, an element whose square exceeds :math:`\theta` times the
+    previous second moment is clipped to that bound, keeping its sign, before the
+    moments see it:
+
+    .. math::
+
+      g_{t,i} \leftarrow \operatorname{sign}(g_{t,i}) \sqrt{\theta\, v_{t-1,i}}
+      \quad\text{if}\quad g_{t,i}^2 > \theta\, v_{t-1,i} .
+
+    As in the paper's code, the rule is active from step ``spike_start`` on, and
+    (with resets) only from ``spike_start`` steps after each reset, since the
+    second moment is then an unreliable reference. One deliberate difference: an
+    element whose second moment is still exactly zero (it has never had a nonzero
+    gradient, like an embedding row not yet seen) is not clipped; the paper's code
+    would clip it to zero at every step, so it could never start learning.
+
+    **Momentum reset (SPAM).** With ``reset_interval`` :math:`\Delta T`, both
+    moments are zeroed at steps :math:`t = k\Delta T` (the bias-correction count
+    keeps running, as in the paper's code), and the update is multiplied by a
+    cosine warm-up :math:`1 - 0.99\cdot\tfrac12(1 + \cos(\pi j / (W + 1)))` for the
+    :math:`j = 0 \ldots W-1` steps after each reset, :math:`W` = ``reset_warmup``.
+
+    **Update clipping (StableAdamW, Wortsman et al. 2023).** With
+    ``update_rms_clip`` :math:`d`, each tensor's update is divided by
+
+    .. math::
+
+      \max\!\left(1, \frac{1}{d}\sqrt{\operatorname{mean}\!\left(
+        \frac{g_t^2}{\max(\hat v_t, \epsilon^2)}\right)}\right),
+
+    with :math:`\hat v_t` the bias-corrected second moment after this step's
+    update. When the second moment under-estimates the current gradient (the
+    situation that precedes loss spikes), the step shrinks instead of exploding.
+
+    When any of these is on, the state is a :class:`ScaleByAdamGuardedState`,
+    which keeps the number of clipped elements, update-clipped tensors, the largest
+    update RMS ratio and the warm-up factor for :func:`adaptx.telemetry`.
+
     Args:
       b1: decay :math:`\beta_1 \in [0, 1)` of the first moment.
       b2: decay :math:`\beta_2 \in [0, 1)` of the second moment.
@@ -66,6 +137,11 @@ def scale_by_adam(
       mu_dtype: storage dtype of :math:`m` (default: the parameter's dtype).
       nu_dtype: storage dtype of :math:`v` (default: the parameter's dtype).
       nesterov: use Nesterov momentum (NAdam).
+      spike_threshold: SPAM's :math:`\theta > 0` (paper default 5000); ``None`` off.
+      reset_interval: SPAM's :math:`\Delta T` in steps (paper default 500); ``None`` off.
+      reset_warmup: SPAM's warm-up length :math:`W` after each reset (default 150).
+      spike_start: steps before spike clipping starts, and after each reset (20).
+      update_rms_clip: StableAdamW's :math:`d > 0` (paper default 1.0); ``None`` off.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -79,12 +155,28 @@ def scale_by_adam(
       >>> optax.apply_updates(params, updates)
       Array([ 0.99, -1.99], dtype=float32)
 
+      Update clipping keeps a step bounded when the gradient outgrows its history:
+
+      >>> tx = adaptx.scale_by_adam(b2=0.99, update_rms_clip=1.0)
+      >>> state = tx.init(jnp.zeros(4))
+      >>> for _ in range(20):
+      ...     _, state = tx.update(jnp.full(4, 1e-3), state)
+      >>> u, state = tx.update(jnp.full(4, 10.0), state)   # a 10^4x spike
+      >>> int(state.update_clipped), bool(jnp.all(jnp.abs(u) < 1))
+      (1, True)
+
     References:
       Kingma and Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2014.
 
       Dozat, `Incorporating Nesterov Momentum into Adam
       <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
+
+      Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+      Training <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
+
+      Wortsman et al., `Stable and low-precision training for large-scale
+      vision-language models <https://arxiv.org/abs/2304.13013>`_, 2023.
     """
     fn = "scale_by_adam"
     validate.check_decay(fn, "b1", b1)
@@ -93,23 +185,43 @@ def scale_by_adam(
     validate.check_nonnegative(fn, "eps_root", eps_root, example="0.0")
     validate.check_dtype(fn, "mu_dtype", mu_dtype)
     validate.check_dtype(fn, "nu_dtype", nu_dtype)
+    if spike_threshold is not None:
+        validate.check_positive(fn, "spike_threshold", spike_threshold, example="5000.0")
+    if update_rms_clip is not None:
+        validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
+    validate.check_int(
+        fn, "reset_interval", reset_interval, low=1, allow_none=True, traced_ok=True, example="500"
+    )
+    validate.check_int(fn, "reset_warmup", reset_warmup, low=0, traced_ok=True, example="150")
+    validate.check_int(fn, "spike_start", spike_start, low=0, traced_ok=True, example="20")
     mu_dtype = tu.canonical_dtype(mu_dtype)
     nu_dtype = tu.canonical_dtype(nu_dtype)
+    guarded = spike_threshold is not None or reset_interval is not None or update_rms_clip is not None
 
     def init_fn(params):
-        return ScaleByAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=tu.zeros_like(params, dtype=mu_dtype),
-            nu=tu.zeros_like(params, dtype=nu_dtype),
+        count = jnp.zeros([], jnp.int32)
+        mu = tu.zeros_like(params, dtype=mu_dtype)
+        nu = tu.zeros_like(params, dtype=nu_dtype)
+        if not guarded:
+            return ScaleByAdamState(count=count, mu=mu, nu=nu)
+        return ScaleByAdamGuardedState(
+            count=count,
+            mu=mu,
+            nu=nu,
+            spikes=jnp.zeros([], jnp.int32),
+            update_clipped=jnp.zeros([], jnp.int32),
+            max_update_rms=jnp.zeros([], jnp.float32),
+            momentum_scale=jnp.ones([], jnp.float32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu")
-        count = tu.safe_increment(state.count)
-        # Step-dependent scalars, computed once for the whole tree.
         f32 = jnp.float32
+        previous = state.count  # steps taken before this one
+        count = tu.safe_increment(previous)
+        # Step-dependent scalars, computed once for the whole tree.
         c1, c2 = tu.as_scalar(b1, f32), tu.as_scalar(b2, f32)
         inv_bc2 = 1.0 / tu.bias_correction(c2, count)
         if nesterov:
@@ -119,11 +231,25 @@ def scale_by_adam(
             k_mu = 1.0 / tu.bias_correction(c1, count)
             k_g = jnp.zeros([], f32)
         e, e_root = tu.as_scalar(eps, f32), tu.as_scalar(eps_root, f32)
+        keep, spike_on, warm = _spam_schedule(count, reset_interval, reset_warmup, spike_start)
+        theta = tu.as_scalar(spike_threshold if spike_threshold is not None else 0.0, f32)
+        d = tu.as_scalar(update_rms_clip if update_rms_clip is not None else 1.0, f32)
 
         def leaf(g, m, v):
             acc = tu.compute_dtype(g.dtype, m.dtype, v.dtype)
             g_, m_, v_ = g.astype(acc), m.astype(acc), v.astype(acc)
             b1_, b2_ = c1.astype(acc), c2.astype(acc)
+            n_spikes = jnp.zeros([], jnp.int32)
+            if reset_interval is not None:  # moments restart from zero at a reset step
+                m_ = m_ * keep.astype(acc)
+                v_ = v_ * keep.astype(acc)
+            if spike_threshold is not None:
+                bound_sq = theta.astype(acc) * v_
+                # An element with no second-moment history (v = 0: never seen a nonzero
+                # gradient, e.g. an embedding row) has no reference and is not clipped.
+                is_spike = spike_on & (v_ > 0) & (g_ * g_ > bound_sq)
+                g_ = jnp.where(is_spike, jnp.sign(g_) * jnp.sqrt(bound_sq), g_)
+                n_spikes = jnp.sum(is_spike, dtype=jnp.int32)
             m_ = (1 - b1_) * g_ + b1_ * m_
             v_ = (1 - b2_) * (g_ * g_) + b2_ * v_
             m_hat = k_mu.astype(acc) * m_
@@ -131,11 +257,55 @@ def scale_by_adam(
                 m_hat = m_hat + k_g.astype(acc) * g_
             v_hat = v_ * inv_bc2.astype(acc)
             u = m_hat / (jnp.sqrt(v_hat + e_root.astype(acc)) + e.astype(acc))
-            return u.astype(g.dtype), m_.astype(m.dtype), v_.astype(v.dtype)
+            rms = jnp.zeros([], f32)
+            if update_rms_clip is not None:
+                e_ = e.astype(acc)
+                ratio = jnp.mean(g_ * g_ / jnp.maximum(v_hat, e_ * e_))
+                rms = jnp.sqrt(ratio).astype(f32)
+                u = u * (1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc)))
+            if reset_interval is not None:
+                u = u * warm.astype(acc)
+            return (u.astype(g.dtype), m_.astype(m.dtype), v_.astype(v.dtype), n_spikes, rms)
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
-        u, mu, nu = tu.unzip(out, updates, 3)
-        return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
+        u, mu, nu, spikes, rms = tu.unzip(out, updates, 5)
+        if not guarded:
+            return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
+        spikes, rms = jax.tree.leaves(spikes), jax.tree.leaves(rms)
+        zero_i, zero_f = jnp.zeros([], jnp.int32), jnp.zeros([], f32)
+        clipped = [(r > d).astype(jnp.int32) for r in rms] if update_rms_clip is not None else []
+        return u, ScaleByAdamGuardedState(
+            count=count,
+            mu=mu,
+            nu=nu,
+            spikes=sum(spikes, zero_i),
+            update_clipped=sum(clipped, zero_i),
+            max_update_rms=jnp.max(jnp.stack(rms)) if rms else zero_f,
+            momentum_scale=warm,
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
+
+def _spam_schedule(
+    count: jax.Array, reset_interval: int | None, warmup: int, spike_start: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SPAM's per-step scalars: (keep the moments?, spike rule on?, warm-up factor).
+
+    ``count`` is this step's 1-based index. Resets happen at steps ``k * reset_interval``;
+    the warm-up factor at ``j`` steps after a reset is ``1 - 0.99 (1 + cos(pi j / (W+1))) / 2``
+    for ``j < W`` and 1 otherwise, as in the paper's reference code.
+    """
+    f32 = jnp.float32
+    on = count >= spike_start
+    if reset_interval is None:
+        return jnp.ones([], f32), on, jnp.ones([], f32)
+    phase = count % reset_interval  # steps since the last reset (0 at a reset step)
+    reset_now = phase == 0
+    keep = jnp.where(reset_now, 0.0, 1.0).astype(f32)
+    on = jnp.logical_and(on, phase >= spike_start)
+    after_first = count >= reset_interval
+    j = phase.astype(f32)
+    cosine = 1.0 - 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * j / (warmup + 1)))
+    warm = jnp.where(jnp.logical_and(after_first, phase < warmup), cosine, 1.0).astype(f32)
+    return keep, on, warm
