@@ -80,7 +80,7 @@ def test_elements_without_history_are_not_clipped_to_zero():
         _, state = tx.update(jnp.array([1.0, 0.0]), state)
     u, state = tx.update(jnp.array([1.0, 3.0]), state)
     assert float(u[1]) > 0.5
-    np.testing.assert_allclose(state.nu[1], 0.001 * 9.0, rtol=1e-5)  # entered unclipped
+    np.testing.assert_allclose(state.nu[1], 0.001 * 9.0, rtol=1e-4)  # entered unclipped
 
 
 def test_momentum_reset_zeroes_moments_and_warms_up():
