@@ -30,7 +30,7 @@ def _scalar(x: Any) -> jax.Array:
 
 
 def find_states(opt_state: Any, cls: type | None = None) -> list[tuple[str, Any]]:
-    """Every registered adaptx state inside ``opt_state`` (optionally of one class), with its path."""
+    """Every registered adaptx state in ``opt_state`` (optionally of one class), with its path."""
     opt_state = getattr(opt_state, "opt_state", opt_state)  # a flax.nnx.Optimizer
     found = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: registered(x) is not None

@@ -79,7 +79,7 @@ def test_rms_keeps_magnitude_near_one_for_stationary_gradients():
 def test_adagrad_step_shrinks_like_one_over_sqrt_t():
     tx = adaptx.scale_by_adagrad(initial_accumulator_value=0.0, eps=0.0)
     state = tx.init(jnp.zeros(1))
-    for t in range(1, 17):
+    for _t in range(1, 17):
         u, state = tx.update(jnp.ones(1), state)
     np.testing.assert_allclose(u, [1 / np.sqrt(16)], rtol=1e-6)
 

@@ -87,7 +87,7 @@ def test_momentum_reset_zeroes_moments_and_warms_up():
     tx = adaptx.scale_by_adam(reset_interval=5, reset_warmup=3)
     state = tx.init(jnp.zeros(3))
     scales = []
-    for t in range(1, 12):
+    for _t in range(1, 12):
         _, state = tx.update(jnp.ones(3), state)
         scales.append(float(state.momentum_scale))
     assert scales[:4] == [1.0] * 4  # no warm-up before the first reset

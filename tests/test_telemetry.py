@@ -36,7 +36,14 @@ def test_reports_pre_clip_norm_and_scale():
         lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=3),
         lambda tx: optax.multi_transform({"a": tx, "b": optax.identity()}, {"w": "a", "b": "a"}),
     ],
-    ids=["chain", "masked", "multisteps", "inject_hyperparams", "apply_if_finite", "multi_transform"],
+    ids=[
+        "chain",
+        "masked",
+        "multisteps",
+        "inject_hyperparams",
+        "apply_if_finite",
+        "multi_transform",
+    ],
 )
 @jax.numpy_dtype_promotion("standard")  # optax's wrappers are not strict-clean
 def test_found_inside_optax_wrappers(wrap):

@@ -66,8 +66,16 @@ def test_every_public_factory_is_covered():
 
 
 # Factories whose validation is tested in their own modules.
-EXTRA_COVERED = ("autoclip", "zclip", "adagc", "guard", "dynamic_loss_scale", "stable_adamw",
-                 "spam", "robust_adamw")
+EXTRA_COVERED = (
+    "autoclip",
+    "zclip",
+    "adagc",
+    "guard",
+    "dynamic_loss_scale",
+    "stable_adamw",
+    "spam",
+    "robust_adamw",
+)
 
 
 def test_good_edge_values_are_accepted():

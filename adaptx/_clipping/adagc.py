@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptx._clipping.autoclip import check_int_hyperparameter
 from adaptx._clipping.global_norm import clip_scale
 from adaptx._core import tree as tu
 from adaptx._core import validate
@@ -139,7 +138,7 @@ def adagc(
     validate.check_decay(fn, "beta", beta, example="0.98")
     validate.check_positive(fn, "lambda_rel", lambda_rel, example="1.05")
     validate.check_positive(fn, "lambda_abs", lambda_abs, example="1.0")
-    check_int_hyperparameter(fn, "warmup_steps", warmup_steps, low=0, example="100")
+    validate.check_int(fn, "warmup_steps", warmup_steps, low=0, traced_ok=True, example="100")
 
     def init_fn(params):
         return AdaGCState(

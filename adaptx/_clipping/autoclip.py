@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
@@ -143,11 +142,11 @@ def autoclip(
       Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
     """
     validate.check_range("autoclip", "percentile", percentile, low=0.0, high=100.0, example="10.0")
-    check_int_hyperparameter("autoclip", "history", history, low=1, example="1000")
+    validate.check_int("autoclip", "history", history, low=1, traced_ok=True, example="1000")
 
     def init_fn(params):
         del params
-        size = concrete_int("autoclip", "history", history)
+        size = validate.concrete_int("autoclip", "history", history)
         return AutoClipState(
             norms=jnp.zeros([size], jnp.float32),
             index=jnp.zeros([], jnp.int32),
@@ -180,30 +179,3 @@ def autoclip(
         return tu.scale(updates, s), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def check_int_hyperparameter(fn: str, name: str, value: Any, *, low: int, example: str) -> None:
-    """Validates an integer hyperparameter that may also arrive as an array.
-
-    ``optax.inject_hyperparams`` turns every numeric argument, integers included,
-    into an array: concrete in ``init``, a tracer in ``update``. A tracer is left
-    alone; a Python or NumPy integer, or a concrete 0-d integer array, must be
-    ``>= low``.
-    """
-    if isinstance(value, jax.core.Tracer):
-        return
-    if isinstance(value, jax.Array | np.ndarray) and value.ndim == 0:
-        if jnp.issubdtype(value.dtype, jnp.integer):
-            value = int(value)
-    validate.check_int(fn, name, value, low=low, example=example)
-
-
-def concrete_int(fn: str, name: str, value: Any) -> int:
-    """``value`` as a Python ``int``; raises if it is a tracer (it must size an array)."""
-    if isinstance(value, jax.core.Tracer):
-        raise ValueError(
-            f"{fn}: `{name}` sizes the optimizer state, so `init` needs a concrete value, "
-            f"got a tracer. Call `init` outside `jax.jit`, or pass {name} as a Python int "
-            f"(under `optax.inject_hyperparams`, `static_args=({name!r},)`)."
-        )
-    return int(value)

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptx._clipping.autoclip import check_int_hyperparameter
 from adaptx._clipping.global_norm import clip_scale
 from adaptx._core import tree as tu
 from adaptx._core import validate
@@ -201,7 +200,7 @@ def zclip(
     fn = "zclip"
     validate.check_range(fn, "alpha", alpha, low=0.0, high=1.0, example="0.97")
     validate.check_positive(fn, "z_thresh", z_thresh, example="2.5")
-    check_int_hyperparameter(fn, "warmup_steps", warmup_steps, low=1, example="25")
+    validate.check_int(fn, "warmup_steps", warmup_steps, low=1, traced_ok=True, example="25")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm, example="1.0")
     validate.check_choice(fn, "mode", mode, _MODES)

@@ -31,8 +31,7 @@ def concrete_scalar(value: Any) -> float | None:
 
 def _fail(fn: str, name: str, value: Any, requirement: str, example: str) -> None:
     raise ValueError(
-        f"{fn}: `{name}` must be {requirement}, got {name}={value!r}. "
-        f"Pass e.g. {name}={example}."
+        f"{fn}: `{name}` must be {requirement}, got {name}={value!r}. Pass e.g. {name}={example}."
     )
 
 
@@ -157,3 +156,14 @@ NO_PARAMS_MSG = (
 def require_params(fn: str, params: Any) -> None:
     if params is None:
         raise ValueError(NO_PARAMS_MSG.format(fn=fn))
+
+
+def concrete_int(fn: str, name: str, value: Any) -> int:
+    """``value`` as a Python ``int``; raises if it is a tracer (it must size an array)."""
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{fn}: `{name}` sizes the optimizer state, so `init` needs a concrete value, "
+            f"got a tracer. Call `init` outside `jax.jit`, or pass {name} as a Python int "
+            f"(under `optax.inject_hyperparams`, `static_args=({name!r},)`)."
+        )
+    return int(value)

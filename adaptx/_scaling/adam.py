@@ -196,7 +196,7 @@ def scale_by_adam(
     validate.check_int(fn, "spike_start", spike_start, low=0, traced_ok=True, example="20")
     mu_dtype = tu.canonical_dtype(mu_dtype)
     nu_dtype = tu.canonical_dtype(nu_dtype)
-    guarded = spike_threshold is not None or reset_interval is not None or update_rms_clip is not None
+    guarded = any(x is not None for x in (spike_threshold, reset_interval, update_rms_clip))
 
     def init_fn(params):
         count = jnp.zeros([], jnp.int32)
