@@ -5,6 +5,9 @@ it chains with ``optax.chain``, runs under ``jax.jit`` and plugs into
 ``flax.nnx.Optimizer``. What a transform measures (pre-clip norms, scales,
 thresholds, skip counters) lives in its state; :func:`telemetry` returns it as a
 flat dict of scalars.
+
+The namespace mirrors the README's sections: clipping (fixed and adaptive
+thresholds), adaptive scaling, momentum, guards, recipes and telemetry.
 """
 
 from adaptx._clipping.adagc import AdaGCState, adagc
@@ -14,12 +17,15 @@ from adaptx._clipping.block_rms import ClipByBlockRmsState, clip_by_block_rms
 from adaptx._clipping.global_norm import ClipByGlobalNormState, clip_by_global_norm
 from adaptx._clipping.value import clip_by_value
 from adaptx._clipping.zclip import ZClipState, zclip
+from adaptx._guards.guard import GuardState, guard
+from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
 from adaptx._recipes.adamw import adamw
+from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
 from adaptx._recipes.sgd import sgd
 from adaptx._scaling.adagrad import ScaleByAdagradState, scale_by_adagrad
-from adaptx._scaling.adam import ScaleByAdamState, scale_by_adam
+from adaptx._scaling.adam import ScaleByAdamGuardedState, ScaleByAdamState, scale_by_adam
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
 
@@ -30,9 +36,12 @@ __all__ = (
     "AutoClipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
+    "DynamicLossScaleState",
     "EmaState",
+    "GuardState",
     "MomentumState",
     "ScaleByAdagradState",
+    "ScaleByAdamGuardedState",
     "ScaleByAdamState",
     "ScaleByRmsState",
     "ZClipState",
@@ -43,12 +52,18 @@ __all__ = (
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
+    "dynamic_loss_scale",
     "ema",
+    "guard",
+    "loss_scale",
     "momentum",
+    "robust_adamw",
     "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_rms",
     "sgd",
+    "spam",
+    "stable_adamw",
     "telemetry",
     "zclip",
 )

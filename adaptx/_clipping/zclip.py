@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
+from adaptx._core import running_stats, validate
 from adaptx._core import tree as tu
-from adaptx._core import validate
 from adaptx._core.telemetry import reports
 
 # Added to the standard deviation in the z-score, as in the reference code.
@@ -274,18 +274,10 @@ def zclip(
 
         # Statistics: running population moments during warm-up, then the EMA of
         # the clipped norm. Non-finite norms are not recorded.
-        k = (state.count + 1).astype(f32)
-        delta = n - mean
-        warm_mean = mean + delta / k
-        warm_var = var + (delta * (n - warm_mean) - var) / k
         fed = jnp.where(spike, clip_to, n)
-        ema_mean = a * mean + (1.0 - a) * fed
-        ema_var = a * var + (1.0 - a) * jnp.square(fed - ema_mean)
-        new_mean = jnp.where(warm, warm_mean, ema_mean)
-        new_var = jnp.where(warm, warm_var, ema_var)
-        new_mean = jnp.where(finite, new_mean, mean)
-        new_var = jnp.where(finite, new_var, var)
-        count = jnp.where(finite, tu.safe_increment(state.count), state.count)
+        count, new_mean, new_var = running_stats.record(
+            state.count, mean, var, fed, alpha=a, warmup=n_warm, when=finite
+        )
 
         clipped = ~skipped & (s < 1)
         new_state = ZClipState(
@@ -297,8 +289,8 @@ def zclip(
             scale=s.astype(state.scale.dtype),
             z=jnp.where(warm, jnp.zeros_like(z), z).astype(state.z.dtype),
             spike=spike.astype(state.spike.dtype),
-            num_clipped=_count_if(clipped, state.num_clipped),
-            num_skipped=_count_if(skipped, state.num_skipped),
+            num_clipped=tu.count_if(clipped, state.num_clipped),
+            num_skipped=tu.count_if(skipped, state.num_skipped),
         )
         out = tu.scale(updates, s)
         if skip_on_spike:
@@ -307,7 +299,3 @@ def zclip(
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _count_if(cond: jax.Array, counter: jax.Array) -> jax.Array:
-    return jnp.where(cond, tu.safe_increment(counter), counter).astype(counter.dtype)

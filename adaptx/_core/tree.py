@@ -135,3 +135,8 @@ def unzip(out: Tree, like: Tree, n: int) -> tuple[Tree, ...]:
     treedef = jax.tree.structure(like)
     leaves = treedef.flatten_up_to(out)
     return tuple(treedef.unflatten([t[i] for t in leaves]) for i in range(n))
+
+
+def count_if(cond: jax.Array, counter: jax.Array) -> jax.Array:
+    """``counter + 1`` where ``cond`` holds (saturating), else ``counter``; keeps the dtype."""
+    return jnp.where(cond, safe_increment(counter), counter).astype(counter.dtype)

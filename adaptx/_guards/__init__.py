@@ -1,0 +1,1 @@
+"""Guards: skip bad steps instead of applying them."""

@@ -1,0 +1,260 @@
+"""Recipes built on the explosion defenses: StableAdamW, SPAM and robust AdamW."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from adaptx._clipping.zclip import zclip
+from adaptx._core import validate
+from adaptx._guards.guard import guard
+from adaptx._recipes.common import check_learning_rate
+from adaptx._scaling.adam import scale_by_adam
+
+Mask = Any | Callable[[optax.Params], Any] | None
+
+
+def _decay_and_step(
+    fn: str, learning_rate: optax.ScalarOrSchedule, weight_decay: float, mask: Mask
+) -> list[optax.GradientTransformation]:
+    check_learning_rate(fn, learning_rate)
+    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
+    return [
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    ]
+
+
+def _check_adam(fn: str, b1: float, b2: float, eps: float) -> None:
+    validate.check_decay(fn, "b1", b1)
+    validate.check_decay(fn, "b2", b2, example="0.999")
+    validate.check_nonnegative(fn, "eps", eps, example="1e-8")
+
+
+def stable_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.2,
+    *,
+    update_rms_clip: float = 1.0,
+    mask: Mask = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""StableAdamW: AdamW with per-tensor update clipping instead of gradient clipping.
+
+    .. math::
+
+      \theta_t = \theta_{t-1} - \eta_t \left(
+        \frac{1}{\max(1, \mathrm{RMS}_t / d)} \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+        + \lambda \theta_{t-1} \right), \qquad
+      \mathrm{RMS}_t = \sqrt{\operatorname{mean}(g_t^2 / \max(\hat v_t, \epsilon^2))}
+
+    per tensor (see :func:`adaptx.scale_by_adam`, ``update_rms_clip``). The weight
+    decay is not scaled by the clip, as in the reference implementation. Defaults
+    are the reference implementation's (:math:`\beta_2 = 0.99`, :math:`\lambda = 0.2`,
+    :math:`d = 1`); no global-norm clipping is needed.
+
+    Args:
+      learning_rate: :math:`\eta`, a number or an optax schedule.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: denominator floor.
+      weight_decay: :math:`\lambda \ge 0`, decoupled weight decay.
+      update_rms_clip: :math:`d > 0`.
+      mask: which parameters are decayed (tree of booleans or a function of params).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, adaptx
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = adaptx.stable_adamw(1e-3)
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+      >>> float(adaptx.telemetry(state)["scale_by_adam/max_update_rms"])
+      1.0
+
+    References:
+      Wortsman et al., `Stable and low-precision training for large-scale
+      vision-language models <https://arxiv.org/abs/2304.13013>`_, 2023.
+    """
+    fn = "stable_adamw"
+    _check_adam(fn, b1, b2, eps)
+    validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
+    return optax.chain(
+        scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
+        *_decay_and_step(fn, learning_rate, weight_decay, mask),
+    )
+
+
+def spam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    spike_threshold: float = 5000.0,
+    reset_interval: int | None = 500,
+    reset_warmup: int = 150,
+    spike_start: int = 20,
+    mask: Mask = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SPAM: Adam with spike-aware clipping and periodic momentum reset.
+
+    Every ``reset_interval`` steps both moments restart from zero and the step is
+    warmed back up with a cosine over ``reset_warmup`` steps; an element whose
+    squared gradient exceeds ``spike_threshold`` times its previous second moment
+    is clipped to that bound. See :func:`adaptx.scale_by_adam` for the math.
+    Defaults are the paper's code's (:math:`\theta = 5000`, :math:`\Delta T = 500`,
+    :math:`W = 150`, :math:`\epsilon = 10^{-6}`, no weight decay).
+
+    Args:
+      learning_rate: :math:`\eta`, a number or an optax schedule.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: denominator floor.
+      weight_decay: decoupled weight decay.
+      spike_threshold: :math:`\theta > 0`.
+      reset_interval: :math:`\Delta T` steps between momentum resets; ``None`` never.
+      reset_warmup: :math:`W`, warm-up steps after each reset.
+      spike_start: steps before spike clipping starts, and after each reset.
+      mask: which parameters are decayed.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp, adaptx
+      >>> tx = adaptx.spam(1e-3)
+      >>> params = {"w": jnp.zeros(3)}
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+      >>> sorted(adaptx.telemetry(state))
+      ['scale_by_adam/max_update_rms', 'scale_by_adam/momentum_scale',
+       'scale_by_adam/spikes', 'scale_by_adam/update_clipped']
+
+    References:
+      Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+      Training <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
+    """
+    fn = "spam"
+    _check_adam(fn, b1, b2, eps)
+    validate.check_positive(fn, "spike_threshold", spike_threshold, example="5000.0")
+    return optax.chain(
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            spike_threshold=spike_threshold,
+            reset_interval=reset_interval,
+            reset_warmup=reset_warmup,
+            spike_start=spike_start,
+        ),
+        *_decay_and_step(fn, learning_rate, weight_decay, mask),
+    )
+
+
+def robust_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    z_thresh: float = 2.5,
+    zclip_alpha: float = 0.97,
+    warmup_steps: int = 25,
+    max_norm: float | None = None,
+    update_rms_clip: float | None = 1.0,
+    skip_nonfinite: bool = True,
+    spike_z: float | None = None,
+    max_consecutive_skips: int | None = None,
+    mask: Mask = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdamW with every defense on: skip bad steps, clip spikes adaptively, clip updates.
+
+    .. code-block:: python
+
+      guard(
+          chain(
+              zclip(zclip_alpha, z_thresh, warmup_steps, max_norm=max_norm),
+              scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
+              add_decayed_weights(weight_decay, mask),
+              scale_by_learning_rate(learning_rate),
+          ),
+          skip_nonfinite=skip_nonfinite, spike_z=spike_z,
+          max_consecutive_skips=max_consecutive_skips,
+      )
+
+    * :func:`adaptx.guard` skips a step whose gradients hold a NaN or Inf (and,
+      with ``spike_z``, a step whose norm is an extreme outlier), leaving
+      parameters and optimizer state bit-identical.
+    * :func:`adaptx.zclip` clips the global norm to an adaptive, z-score based
+      threshold learned from the run itself: no ``max_norm`` to tune.
+    * StableAdamW's update clipping bounds each tensor's step when its second
+      moment under-estimates the gradient.
+
+    A :math:`10^6\times` gradient spike after zclip's warm-up moves the parameters
+    no more than a normal step. Every figure (pre-clip norm, threshold, z-score,
+    skips, update clipping) is reported by :func:`adaptx.telemetry`.
+
+    Args:
+      learning_rate: :math:`\eta`, a number or an optax schedule.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: denominator floor.
+      weight_decay: decoupled weight decay.
+      z_thresh: zclip's z-score threshold.
+      zclip_alpha: zclip's EMA weight on the past.
+      warmup_steps: steps that initialise zclip's statistics (no adaptive clipping).
+      max_norm: optional hard ceiling on the global norm, applied always (also
+        during zclip's warm-up).
+      update_rms_clip: StableAdamW's :math:`d`; ``None`` disables update clipping.
+      skip_nonfinite: skip steps with NaN/Inf gradients.
+      spike_z: additionally skip steps whose norm has a z-score above this.
+      max_consecutive_skips: let a spike through after this many skips in a row.
+      mask: which parameters are decayed.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`adaptx.GuardState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, adaptx
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = adaptx.robust_adamw(1e-3)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.full(3, jnp.nan)}, state, params)
+      >>> optax.apply_updates(params, updates)["w"]
+      Array([1., 1., 1.], dtype=float32)
+      >>> int(adaptx.telemetry(state)["guard/skipped"])
+      1
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025.
+
+      Wortsman et al., `Stable and low-precision training for large-scale
+      vision-language models <https://arxiv.org/abs/2304.13013>`_, 2023.
+
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+    """
+    fn = "robust_adamw"
+    _check_adam(fn, b1, b2, eps)
+    if update_rms_clip is not None:
+        validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
+    inner = optax.chain(
+        zclip(zclip_alpha, z_thresh, warmup_steps, max_norm=max_norm),
+        scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
+        *_decay_and_step(fn, learning_rate, weight_decay, mask),
+    )
+    return guard(
+        inner,
+        skip_nonfinite=skip_nonfinite,
+        spike_z=spike_z,
+        max_consecutive_skips=max_consecutive_skips,
+    )
