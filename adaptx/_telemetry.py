@@ -30,17 +30,32 @@ def _scalar(x: Any) -> jax.Array:
 
 
 def find_states(opt_state: Any, cls: type | None = None) -> list[tuple[str, Any]]:
-    """Every registered adaptx state in ``opt_state`` (optionally of one class), with its path."""
+    """Every registered adaptx state in ``opt_state`` (optionally of one class), with its path.
+
+    States nested inside other registered states (a transform inside
+    :func:`adaptx.guard`) are found too, outer first.
+    """
     opt_state = getattr(opt_state, "opt_state", opt_state)  # a flax.nnx.Optimizer
-    found = jax.tree_util.tree_flatten_with_path(
-        opt_state, is_leaf=lambda x: registered(x) is not None
-    )[0]
-    out = []
-    for path, node in found:
-        if registered(node) is None or (cls is not None and not isinstance(node, cls)):
-            continue
-        out.append(("/".join(_key_name(k) for k in path), node))
-    return out
+    out: list[tuple[tuple, Any]] = []
+
+    def walk(tree: Any, prefix: tuple) -> None:
+        found = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: x is not tree and registered(x) is not None
+        )[0]
+        for path, node in found:
+            if node is tree or registered(node) is None:
+                continue
+            out.append((prefix + tuple(path), node))
+            walk(node, prefix + tuple(path))
+
+    if registered(opt_state) is not None:
+        out.append(((), opt_state))
+    walk(opt_state, ())
+    return [
+        ("/".join(_key_name(k) for k in path), node)
+        for path, node in out
+        if cls is None or isinstance(node, cls)
+    ]
 
 
 def telemetry(opt_state: Any) -> dict[str, jax.Array]:
