@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end in their quick configuration.
+
+No timing is asserted (timings on a shared machine are noise); the output's structure
+and finiteness are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"adaptx_bench_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_update_step_quick(tmp_path):
+    mod = _load("update_step")
+    out = tmp_path / "update"
+    mod.main(["--quick", "--trees", "many_small", "--pipelines",
+              "clip+adamw,robust_adamw", "--reps", "2", "--warmup", "1", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert set(res) == {"meta", "trees", "ceilings", "cells", "targets"}
+    meta = res["meta"]
+    for key in ("jax", "jaxlib", "optax", "adaptx", "torch"):
+        assert key in meta["versions"]
+    assert meta["device"]["platform"]
+    assert meta["quick"] is True
+    assert [t["kind"] for t in res["trees"].values()] == ["many_small"]
+    for name, ceil in res["ceilings"].items():
+        assert name in res["trees"]
+        assert _finite(ceil["jax"]["gbps"]) and ceil["jax"]["gbps"] > 0
+    ok = [c for c in res["cells"] if c["status"] == "ok"]
+    seen = {(c["tree"], c["pipeline"], c["impl"]) for c in ok}
+    for tree in res["trees"]:
+        for impl in ("optax", "adaptx", "jax", "packed"):
+            assert (tree, "clip+adamw", impl) in seen
+        if "robust_adamw" in meta["recipes_available"]:
+            for impl in ("optax", "adaptx", "adaptx-base"):
+                assert (tree, "robust_adamw", impl) in seen
+    for c in ok:
+        for key in ("median_ms", "min_ms", "max_ms", "gbps", "ceiling_ratio", "model_bytes",
+                    "first_call_s"):
+            assert _finite(c[key]) and c[key] >= 0, (c["impl"], key, c[key])
+        assert c["min_ms"] <= c["median_ms"] <= c["max_ms"]
+        assert c["reps"] == 2
+        if c["impl"] not in ("torch", "c"):
+            for key in ("compile_s", "trace_s", "lower_s", "xla_compile_s", "xla_peak_bytes"):
+                assert _finite(c[key]) and c[key] >= 0, (c["impl"], key)
+            assert c["fusions"] >= 1
+        if c["impl"] != "optax":
+            assert _finite(c["vs_optax"]["median"])
+    for t in res["targets"]:
+        assert t["met"] in (True, False, None)
+    md = out.with_suffix(".md").read_text()
+    assert "| tree | pipeline | impl |" in md
