@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -78,17 +79,6 @@ def scripted_grads(steps, seed=0):
 
 def tensor_norms(tree):
     return [float(np.linalg.norm(np.asarray(tree[k], np.float64))) for k in NAMES]
-
-
-def run(tx, grads_seq):
-    update = jax.jit(tx.update)
-    state = tx.init(grads_seq[0])
-    outs, states = [], []
-    for g in grads_seq:
-        u, state = update(g, state)
-        outs.append(u)
-        states.append(state)
-    return outs, states
 
 
 CONFIGS = {

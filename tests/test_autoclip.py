@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import grads_with_norm, norm64, run, scripted_grads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,45 +33,6 @@ def autoclip_reference(norms, percentile=10.0, history=1000):
     return rows
 
 
-def scripted_grads(steps, spikes, seed=0):
-    """Gradients whose global norm decays from ~2 to ~1 with 5% noise, times scripted spikes."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in range(steps):
-        norm = (1.0 + np.exp(-t / 20)) * (1.0 + 0.05 * rng.standard_normal())
-        norm *= spikes.get(t, 1.0)
-        w, b = rng.standard_normal((3, 4)), rng.standard_normal(5)
-        total = np.sqrt(np.sum(w**2) + np.sum(b**2))
-        out.append(
-            {
-                "w": jnp.asarray(w * norm / total, jnp.float32),
-                "b": jnp.asarray(b * norm / total, jnp.float32),
-            }
-        )
-    return out
-
-
-def norm64(tree):
-    return float(
-        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-    )
-
-
-def grads_with_norm(norm):
-    return {"w": jnp.array([norm, 0.0], jnp.float32)}
-
-
-def run(tx, grads_seq):
-    update = jax.jit(tx.update)
-    state = tx.init(grads_seq[0])
-    outs, states = [], []
-    for g in grads_seq:
-        u, state = update(g, state)
-        outs.append(u)
-        states.append(state)
-    return outs, states
-
-
 SPIKES = {0: 50.0, 13: 50.0, 14: 50.0, 40: 50.0, 41: 0.0, 66: 50.0}
 
 
@@ -78,7 +40,7 @@ SPIKES = {0: 50.0, 13: 50.0, 14: 50.0, 40: 50.0, 41: 0.0, 66: 50.0}
     "percentile, history", [(10.0, 1000), (10.0, 16), (50.0, 7), (0.0, 5), (100.0, 5), (37.5, 1)]
 )
 def test_matches_reference_step_by_step(percentile, history):
-    grads = scripted_grads(80, SPIKES)
+    grads = scripted_grads(80, SPIKES, decay=True)
     norms = [norm64(g) for g in grads]
     ref = autoclip_reference(norms, percentile, history)
     outs, states = run(adaptx.autoclip(percentile, history), grads)
@@ -93,7 +55,7 @@ def test_matches_reference_step_by_step(percentile, history):
 
 
 def test_scripted_spikes_are_cut_back_to_a_typical_norm():
-    grads = scripted_grads(80, SPIKES)
+    grads = scripted_grads(80, SPIKES, decay=True)
     outs, states = run(adaptx.autoclip(), grads)
     for t in [13, 14, 40, 66]:
         assert norm64(outs[t]) < 2.5, t
@@ -133,7 +95,7 @@ def test_history_wraps_around_and_forgets_the_oldest_norm():
 
 
 def test_percentile_100_never_clips():
-    grads = scripted_grads(30, {10: 50.0, 20: 1e4})
+    grads = scripted_grads(30, {10: 50.0, 20: 1e4}, decay=True)
     outs, states = run(adaptx.autoclip(100.0, 8), grads)
     for g, u in zip(grads, outs, strict=True):
         np.testing.assert_array_equal(u["w"], g["w"])
@@ -177,7 +139,7 @@ def test_jit_does_not_recompile_and_state_dtypes_are_fixed():
         traces.append(1)
         return tx.update(g, s)
 
-    grads = scripted_grads(9, {5: 50.0})
+    grads = scripted_grads(9, {5: 50.0}, decay=True)
     state0 = tx.init(grads[0])
     state = state0
     for g in grads:
@@ -189,7 +151,7 @@ def test_jit_does_not_recompile_and_state_dtypes_are_fixed():
 
 
 def test_bf16_and_f16_gradients_keep_their_dtype_and_clip_by_the_f32_norm():
-    grads32 = scripted_grads(6, {5: 50.0})
+    grads32 = scripted_grads(6, {5: 50.0}, decay=True)
     for dtype in [jnp.bfloat16, jnp.float16]:
         # Scaled up so the f16 squared norm would overflow its own dtype.
         grads = [jax.tree.map(lambda x, d=dtype: (x * 1000.0).astype(d), g) for g in grads32]
@@ -230,7 +192,7 @@ def test_invalid_hyperparameters_raise_naming_the_argument(kwargs, name):
 
 
 def test_hyperparameters_may_be_traced_under_inject_hyperparams():
-    grads = scripted_grads(12, {9: 50.0})
+    grads = scripted_grads(12, {9: 50.0}, decay=True)
     direct, _ = run(adaptx.autoclip(percentile=30.0, history=5), grads)
     injected, states = run(optax.inject_hyperparams(adaptx.autoclip)(30.0, 5), grads)
     for a, b in zip(direct, injected, strict=True):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import grads_with_norm, norm64, run, scripted_grads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,45 +75,6 @@ def zclip_reference(
         row["mean"], row["var"] = mean, var
         rows.append(row)
     return rows
-
-
-def scripted_grads(steps, spikes, seed=0):
-    """Gradients with global norm ~1 (5% noise) and 50x spikes at the scripted steps."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in range(steps):
-        norm = 1.0 + 0.05 * rng.standard_normal()
-        norm *= spikes.get(t, 1.0)
-        w, b = rng.standard_normal((3, 4)), rng.standard_normal(5)
-        total = np.sqrt(np.sum(w**2) + np.sum(b**2))
-        out.append(
-            {
-                "w": jnp.asarray(w * norm / total, jnp.float32),
-                "b": jnp.asarray(b * norm / total, jnp.float32),
-            }
-        )
-    return out
-
-
-def norm64(tree):
-    return float(
-        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-    )
-
-
-def grads_with_norm(norm):
-    return {"w": jnp.array([norm, 0.0], jnp.float32)}
-
-
-def run(tx, grads_seq):
-    update = jax.jit(tx.update)
-    state = tx.init(grads_seq[0])
-    outs, states = [], []
-    for g in grads_seq:
-        u, state = update(g, state)
-        outs.append(u)
-        states.append(state)
-    return outs, states
 
 
 SPIKES = {30: 50.0, 31: 50.0, 47: 3.0, 55: 50.0, 70: 0.02, 71: 50.0}
