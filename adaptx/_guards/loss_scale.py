@@ -152,6 +152,12 @@ def loss_scale(opt_state: Any) -> jax.Array:
 
     Raises:
       ValueError: if the state holds no ``dynamic_loss_scale``, or more than one.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, adaptx
+      >>> tx = optax.chain(adaptx.dynamic_loss_scale(init_scale=256.0), optax.sgd(0.1))
+      >>> adaptx.loss_scale(tx.init({"w": jnp.zeros(2)}))
+      Array(256., dtype=float32)
     """
     from adaptx._telemetry import _unwrap, find_states
 

@@ -105,6 +105,15 @@ def spam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""SPAM: Adam with spike-aware clipping and periodic momentum reset.
 
+    .. math::
+
+      g_{t,i} \leftarrow \operatorname{sign}(g_{t,i})\sqrt{\theta v_{t-1,i}}
+        \ \text{ if } g_{t,i}^2 > \theta v_{t-1,i}, \qquad
+      m_t, v_t \leftarrow 0 \ \text{ at } t = k \Delta T, \qquad
+      \theta_t = \theta_{t-1} - \eta_t\, w_t \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+
+    with :math:`w_t` the cosine warm-up factor after the last reset.
+
     Every ``reset_interval`` steps both moments restart from zero and the step is
     warmed back up with a cosine over ``reset_warmup`` steps; an element whose
     squared gradient exceeds ``spike_threshold`` times its previous second moment
