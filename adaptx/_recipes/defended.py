@@ -110,7 +110,7 @@ def spam(
       g_{t,i} \leftarrow \operatorname{sign}(g_{t,i})\sqrt{\theta v_{t-1,i}}
         \ \text{ if } g_{t,i}^2 > \theta v_{t-1,i}, \qquad
       m_t, v_t \leftarrow 0 \ \text{ at } t = k \Delta T, \qquad
-      \theta_t = \theta_{t-1} - \eta_t\, w_t \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+      p_t = p_{t-1} - \eta_t\, w_t \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
 
     with :math:`w_t` the cosine warm-up factor after the last reset.
 
