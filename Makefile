@@ -1,0 +1,34 @@
+# Convenience targets; each is what the README and CI run.
+PY ?= .venv/bin/python
+
+.PHONY: setup test lint format train compare bench bench-quick
+
+.venv:
+	python3 -m venv .venv
+
+setup: .venv
+	.venv/bin/pip install -e ".[all]"
+
+test: .venv
+	.venv/bin/pip install -q -e ".[test]"
+	$(PY) -m pytest -n 2 -q
+
+lint:
+	$(PY) -m ruff check adaptx tests examples bench
+	$(PY) -m ruff format --check adaptx tests examples bench
+
+format:
+	$(PY) -m ruff format adaptx tests examples bench
+	$(PY) -m ruff check --fix adaptx tests examples bench
+
+train:
+	$(PY) examples/text_classifier/train.py
+
+compare:
+	$(PY) examples/text_classifier/compare.py
+
+bench:
+	$(PY) bench/update_step.py
+
+bench-quick:
+	$(PY) bench/update_step.py --quick
