@@ -195,6 +195,19 @@ def _load_packed():
     return mod
 
 
+_MODULES: dict = {}
+
+
+def _hlo_report():
+    if "hlo" not in _MODULES:
+        spec = importlib.util.spec_from_file_location("adaptx_bench_hlo_report",
+                                                      HERE / "hlo_report.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _MODULES["hlo"] = mod
+    return _MODULES["hlo"]
+
+
 def _optax_step(tx):
     def step(p, s, g):
         u, s = tx.update(g, s, p)
@@ -479,7 +492,12 @@ class JaxVariant(Variant):
         info["first_call_s"] = first
         with quiet():
             compiled = self.fn.lower(*self.spec).compile()  # served from the jit caches
-        info.update(count_fusions(compiled.as_text()))
+        hlo = compiled.as_text()
+        info.update(count_fusions(hlo))
+        rows = _hlo_report().kernel_rows(hlo)
+        unit = 4 * sum(x.size for x in jax.tree.leaves(self.p))
+        info["hlo_passes"] = sum(r["in_bytes"] + r["out_bytes"] for r in rows) / unit
+        info["hlo_kernels"] = len(rows)
         try:
             ma = compiled.memory_analysis()
             info["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
@@ -610,6 +628,27 @@ class CVariant(Variant):
 
     def close(self):
         self.tree = None
+
+
+class CeilingVariant(Variant):
+    """The bandwidth ceiling, run inside every cell's rounds: donated x = a*x + b."""
+
+    impl = "ceiling"
+    desc = "donated in-place x * a + b (JAX)"
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.x = jnp.full((n,), 1.0, jnp.float32)
+        self.fn = jax.jit(lambda x: x * 0.999 + 0.001, donate_argnums=0)
+        self.step()
+
+    def step(self):
+        self.x = self.fn(self.x)
+        self.x.block_until_ready()
+
+    def close(self):
+        self.x = None
 
 
 def run_rounds(variants: list[Variant], reps: int, warmup: int) -> list[dict[str, float]]:
@@ -752,14 +791,22 @@ def bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx) ->
             variants.append(v)
     gc.collect()
     if variants:
-        rounds = run_rounds(variants, args.reps, args.warmup)
+        ceil = CeilingVariant(n_params)
+        rounds = run_rounds(variants + [ceil], args.reps, args.warmup)
         nbytes = PASSES.get(pipeline, PASSES["clip+adamw"]) * 4 * n_params
-        ceil_gbps = ctx["ceiling"]["jax"]["gbps"]
+        ceil_bytes = CEILING_PASSES * 4 * n_params
+        cs = summarize(ceil.times)
+        cs["gbps"] = ceil_bytes / (cs["median_ms"] * 1e-3) / 1e9
+        ceil.close()
         for v in variants:
             s = summarize(v.times)
             gbps = nbytes / (s["median_ms"] * 1e-3) / 1e9
+            # Per round: achieved GB/s over the ceiling's GB/s in the same round.
+            ratios = [(nbytes / r[v.impl]) / (ceil_bytes / r["ceiling"]) for r in rounds]
             info = {**s, **v.info, "model_bytes": nbytes, "gbps": gbps,
-                    "ceiling_ratio": gbps / ceil_gbps}
+                    "ceiling_ratio": statistics.median(ratios),
+                    "ceiling_ratio_range": [min(ratios), max(ratios)],
+                    "ceiling_in_cell": cs}
             for ref in ("optax", "c", "adaptx-base"):
                 if ref != v.impl and all(ref in r for r in rounds):
                     ratios = [r[v.impl] / r[ref] for r in rounds]
@@ -852,6 +899,7 @@ def main(argv=None) -> dict:
         "c_floor": (None if clib is None else
                     {"flags": clib.flags, "openmp": clib.openmp, "threads": clib.threads}),
         "recipes_available": available_recipes,
+        "loadavg_start": _loadavg(),
         "hyperparameters": {"lr": LR, "b1": B1, "b2": B2, "eps": EPS, "weight_decay": WD,
                             "max_norm": MAX_NORM},
         "memory_method": (
@@ -897,6 +945,7 @@ def main(argv=None) -> dict:
             sys.stdout.flush()
         del np_params, np_grads, g_dev
         gc.collect()
+    meta["loadavg_end"] = _loadavg()
     results["targets"] = evaluate_targets(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -906,6 +955,13 @@ def main(argv=None) -> dict:
     print("\n" + md)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return results
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _json_default(x):
@@ -937,7 +993,9 @@ def _ratio(c: dict, key: str) -> str:
 
 
 def _mb(x):
-    return "" if x is None else f"{x / 2**20:.0f}"
+    if x is None:
+        return ""
+    return f"{x / 2**20:.0f}" if abs(x) >= 10 * 2**20 else f"{x / 2**20:.2f}"
 
 
 def markdown(results: dict) -> str:
@@ -946,40 +1004,49 @@ def markdown(results: dict) -> str:
     lines = [
         f"Device: {d.get('cpu_model', d['device_kind'])} ({d['platform']}, "
         f"{d['cpu_count']} cores); " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()
-                                                  if v) + f"; {m['date']}.",
-        f"{m['reps']} timed interleaved rounds after {m['warmup']} warm-up rounds"
-        + (" (--quick)" if m["quick"] else "") + ". Step: median [min-max] ms. "
-        "x optax: median of the per-round paired ratios [min-max]. Compile: trace + lowering "
-        "+ XLA compile (s). Peak: XLA static peak MB / sampled RSS delta MB. GB/s from the "
-        "bytes the math requires; % of the ceiling measured in the same run.",
+                                                  if v) + f"; {m['date']}; load average "
+        f"{m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end.",
         "",
-        "| tree | ceiling GB/s (JAX / C) |",
-        "| --- | --- |",
+        f"{m['reps']} timed interleaved rounds after {m['warmup']} warm-up rounds"
+        + (" (--quick)" if m["quick"] else "") + ". **step ms**: median [min-max]. **x optax**, "
+        "**x C**: median [min-max] of the per-round paired ratios. **compile s**: trace + "
+        "lowering + XLA compile. **HLO passes**: bytes the compiled kernels read and write, in "
+        "float32 passes over the tree (the math needs the number after the slash). **GB/s**: "
+        "bytes the math needs / median time; **% ceil**: median per-round ratio to a donated "
+        "in-place x*a+b over the same number of floats, run in the same rounds. **peak MB**: "
+        "XLA static peak (arguments + outputs - donated + temporaries) / sampled RSS delta.",
     ]
-    for name, c in results["ceilings"].items():
-        cc = f" / {c['c']['gbps']:.1f}" if "c" in c else ""
-        lines.append(f"| {name} | {c['jax']['gbps']:.1f}{cc} |")
-    lines += ["", "| tree | pipeline | impl | step ms | x optax | x C | compile s | first call s "
-              "| fusions | GB/s | % ceil | peak MB (XLA / RSS) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cells_by_tree: dict[str, list] = {}
     for c in results["cells"]:
-        if c["status"] != "ok":
-            lines.append(f"| {c['tree']} | {c['pipeline']} | {c['impl']} | {c['status']}: "
-                         f"{c['reason']} | | | | | | | | |")
-            continue
-
-
-        comp = f"{c['compile_s']:.2f}" if "compile_s" in c else ""
-        fus = str(c.get("fusions", ""))
-        lines.append(
-            f"| {c['tree']} | {c['pipeline']} | {c['impl']} | {c['median_ms']:.2f} "
-            f"[{c['min_ms']:.2f}-{c['max_ms']:.2f}] | {_ratio(c, 'vs_optax')} | "
-            f"{_ratio(c, 'vs_c')} | "
-            f"{comp} | {c['first_call_s']:.2f} | {fus} | {c['gbps']:.1f} | "
-            f"{100 * c['ceiling_ratio']:.0f} | {_mb(c.get('xla_peak_bytes'))} / "
-            f"{_mb(c.get('rss_peak_delta_bytes'))} |")
+        cells_by_tree.setdefault(c["tree"], []).append(c)
+    for tree, cells in cells_by_tree.items():
+        t = results["trees"][tree]
+        ceil = results["ceilings"].get(tree, {})
+        cj = ceil.get("jax", {}).get("gbps")
+        cc = ceil.get("c", {}).get("gbps")
+        lines += ["", f"### {tree}: {t['leaves']} leaves, {t['params']:,} params",
+                  "", f"Ceiling measured before the cells: {cj:.1f} GB/s (JAX)"
+                  + (f", {cc:.1f} GB/s (C)" if cc else "") + ".", "",
+                  "| pipeline | impl | step ms | x optax | x C | compile s | first call s "
+                  "| fusions | HLO passes | GB/s | % ceil | peak MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in cells:
+            if c["status"] != "ok":
+                lines.append(f"| {c['pipeline']} | {c['impl']} | {c['status']}: "
+                             f"{c['reason']} | | | | | | | | | |")
+                continue
+            comp = f"{c['compile_s']:.2f}" if "compile_s" in c else ""
+            need = PASSES.get(c["pipeline"], PASSES["clip+adamw"])
+            hp = f"{c['hlo_passes']:.1f} / {need}" if "hlo_passes" in c else f"- / {need}"
+            lines.append(
+                f"| {c['pipeline']} | {c['impl']} | {c['median_ms']:.2f} "
+                f"[{c['min_ms']:.2f}-{c['max_ms']:.2f}] | {_ratio(c, 'vs_optax')} | "
+                f"{_ratio(c, 'vs_c')} | {comp} | {c['first_call_s']:.2f} | "
+                f"{c.get('fusions', '')} | {hp} | {c['gbps']:.1f} | "
+                f"{100 * c['ceiling_ratio']:.0f} | {_mb(c.get('xla_peak_bytes'))} / "
+                f"{_mb(c.get('rss_peak_delta_bytes'))} |")
     if results.get("targets"):
-        lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += ["", "### Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
         for t in results["targets"]:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
             lines.append(f"| {t['target']} | {t['measured']} | {met} |")
@@ -1018,7 +1085,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                     f"{rc:.2f}x ({a['compile_s']:.2f} vs {o['compile_s']:.2f} s)", rc <= 0.1)
             if a.get("xla_peak_bytes") is not None and o.get("xla_peak_bytes") is not None:
                 add(f"{tree}: adaptx peak memory <= optax (XLA static)",
-                    f"{_mb(a['xla_peak_bytes'])} vs {_mb(o['xla_peak_bytes'])} MB",
+                    f"{a['xla_peak_bytes']:,} vs {o['xla_peak_bytes']:,} bytes",
                     a["xla_peak_bytes"] <= o["xla_peak_bytes"])
         if a and kind == "many_small":
             add(f"{tree}: adaptx compile <= 2 s", f"{a['compile_s']:.2f} s",
