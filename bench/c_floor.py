@@ -127,8 +127,9 @@ class CLib:
         self.flags = flags
         i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
         self._lib.set_threads.argtypes = [ctypes.c_int]
-        self._lib.adamw.argtypes = ([i64, vp, vp, vp, vp, vp, vp, vp] + [f32] * 6
-                                    + [i64, ctypes.c_int])
+        self._lib.adamw.argtypes = (
+            [i64, vp, vp, vp, vp, vp, vp, vp] + [f32] * 6 + [i64, ctypes.c_int]
+        )
         self._lib.axpy.argtypes = [i64, vp, vp, vp, vp, vp, f32, f32, ctypes.c_int]
         self._lib.triad.argtypes = [vp, i64, f32, f32]
         self.threads = self._lib.set_threads(os.cpu_count() or 1)
@@ -152,16 +153,18 @@ class Tree:
                 ce.append(min(n, start + CHUNK))
         self.nch = len(cl)
         self.chunks = [np.asarray(x, np.int64) for x in (cl, cs, ce)]
-        self.ptrs = {k: (ctypes.c_void_p * len(v))(*[a.ctypes.data for a in v])
-                     for k, v in arrays.items()}
+        self.ptrs = {
+            k: (ctypes.c_void_p * len(v))(*[a.ctypes.data for a in v]) for k, v in arrays.items()
+        }
 
     def _c(self):
         return [self.nch] + [c.ctypes.data for c in self.chunks]
 
     def adamw(self, lr, b1, b2, eps, wd, max_norm, t, clip):
         p = self.ptrs
-        self.lib._lib.adamw(*self._c(), p["g"], p["p"], p["m"], p["v"], lr, b1, b2, eps, wd,
-                            max_norm, t, int(clip))
+        self.lib._lib.adamw(
+            *self._c(), p["g"], p["p"], p["m"], p["v"], lr, b1, b2, eps, wd, max_norm, t, int(clip)
+        )
 
     def axpy(self, alpha, max_norm, clip):
         p = self.ptrs

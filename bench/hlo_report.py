@@ -27,8 +27,21 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-_SIZES = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "f64": 8, "s64": 8, "u64": 8,
-          "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2}
+_SIZES = {
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+}
 _ARRAY = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*?)\)(.*)$")
 
@@ -60,16 +73,25 @@ def kernel_rows(hlo: str) -> list[dict]:
         names = re.findall(r"%([\w.\-]+)", operands)
         in_bytes = sum(_bytes(shapes.get(n, "")) for n in names)
         calls = re.search(r"calls=%([\w.\-]+)", rest)
-        rows.append({"name": name, "op": op, "kind": (re.search(r"kind=(\w+)", rest) or [""])[0],
-                     "calls": calls.group(1) if calls else "", "out_type": out_type,
-                     "in_bytes": in_bytes, "out_bytes": _bytes(out_type),
-                     "operands": len(names)})
+        rows.append(
+            {
+                "name": name,
+                "op": op,
+                "kind": (re.search(r"kind=(\w+)", rest) or [""])[0],
+                "calls": calls.group(1) if calls else "",
+                "out_type": out_type,
+                "in_bytes": in_bytes,
+                "out_bytes": _bytes(out_type),
+                "operands": len(names),
+            }
+        )
     return rows
 
 
 def _load_update_step():
-    spec = importlib.util.spec_from_file_location("adaptx_bench_update_step_hlo",
-                                                  HERE / "update_step.py")
+    spec = importlib.util.spec_from_file_location(
+        "adaptx_bench_update_step_hlo", HERE / "update_step.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -94,15 +116,24 @@ def report(tree: str, pipeline: str, impl: str, size: int | None = None, show: i
     big = [r for r in rows if r["in_bytes"] + r["out_bytes"] >= unit // 4]
     print(f"kernels touching >= 1/4 pass ({len(big)}), in passes of {unit / 2**20:.0f} MiB:")
     for r in big[:show]:
-        print(f"  {r['name']:<32} {r['op']:<10} in {r['in_bytes'] / unit:5.2f}  out "
-              f"{r['out_bytes'] / unit:5.2f}  {r['out_type'][:60]}")
+        print(
+            f"  {r['name']:<32} {r['op']:<10} in {r['in_bytes'] / unit:5.2f}  out "
+            f"{r['out_bytes'] / unit:5.2f}  {r['out_type'][:60]}"
+        )
     tin = sum(r["in_bytes"] for r in rows) / unit
     tout = sum(r["out_bytes"] for r in rows) / unit
     need = us.PASSES.get(pipeline, us.PASSES["clip+adamw"])
-    print(f"total: reads {tin:.2f} + writes {tout:.2f} = {tin + tout:.2f} passes "
-          f"(the math needs {need})")
-    return {"kernels": len(rows), "passes_read": tin, "passes_written": tout, "rows": rows,
-            "hlo": hlo}
+    print(
+        f"total: reads {tin:.2f} + writes {tout:.2f} = {tin + tout:.2f} passes "
+        f"(the math needs {need})"
+    )
+    return {
+        "kernels": len(rows),
+        "passes_read": tin,
+        "passes_written": tout,
+        "rows": rows,
+        "hlo": hlo,
+    }
 
 
 def main(argv=None):

@@ -99,10 +99,14 @@ def packed_adamw(
         lr = jnp.asarray(learning_rate, f32)
         wd = jnp.asarray(weight_decay, f32)
 
-        gs = jnp.concatenate([g_leaves[i].reshape(-1).astype(f32) for i in small]) if small else (
-            jnp.zeros([0], f32))
+        gs = (
+            jnp.concatenate([g_leaves[i].reshape(-1).astype(f32) for i in small])
+            if small
+            else (jnp.zeros([0], f32))
+        )
         sq = jnp.sum(gs * gs) + sum(
-            (jnp.sum(jnp.square(g_leaves[i].astype(f32))) for i in big), jnp.zeros([], f32))
+            (jnp.sum(jnp.square(g_leaves[i].astype(f32))) for i in big), jnp.zeros([], f32)
+        )
         if max_norm is None:
             s = jnp.ones([], f32)
         else:

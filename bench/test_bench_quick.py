@@ -28,8 +28,21 @@ def _finite(x) -> bool:
 def test_update_step_quick(tmp_path):
     mod = _load("update_step")
     out = tmp_path / "update"
-    mod.main(["--quick", "--trees", "many_small", "--pipelines",
-              "clip+adamw,robust_adamw", "--reps", "2", "--warmup", "1", "--out", str(out)])
+    mod.main(
+        [
+            "--quick",
+            "--trees",
+            "many_small",
+            "--pipelines",
+            "clip+adamw,robust_adamw",
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     res = json.loads(out.with_suffix(".json").read_text())
     assert set(res) == {"meta", "trees", "ceilings", "cells", "targets"}
     meta = res["meta"]
@@ -50,8 +63,15 @@ def test_update_step_quick(tmp_path):
             for impl in ("optax", "adaptx", "adaptx-base"):
                 assert (tree, "robust_adamw", impl) in seen
     for c in ok:
-        for key in ("median_ms", "min_ms", "max_ms", "gbps", "ceiling_ratio", "model_bytes",
-                    "first_call_s"):
+        for key in (
+            "median_ms",
+            "min_ms",
+            "max_ms",
+            "gbps",
+            "ceiling_ratio",
+            "model_bytes",
+            "first_call_s",
+        ):
             assert _finite(c[key]) and c[key] >= 0, (c["impl"], key, c[key])
         assert c["min_ms"] <= c["median_ms"] <= c["max_ms"]
         assert c["reps"] == 2
@@ -64,4 +84,36 @@ def test_update_step_quick(tmp_path):
     for t in res["targets"]:
         assert t["met"] in (True, False, None)
     md = out.with_suffix(".md").read_text()
-    assert "| tree | pipeline | impl |" in md
+    assert "| pipeline | impl | step ms |" in md
+
+
+def test_train_step_quick(tmp_path):
+    mod = _load("train_step")
+    out = tmp_path / "train"
+    mod.main(
+        [
+            "--quick",
+            "--model",
+            "fallback",
+            "--encoder",
+            "mean",
+            "--recipes",
+            "adamw,grad-only",
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["meta"]["model"].endswith("FallbackClassifier")
+    cells = {(c["recipe"], c["impl"]): c for c in res["cells"]}
+    assert set(cells) == {("adamw", "optax"), ("adamw", "adaptx"), ("grad-only", "none")}
+    for c in cells.values():
+        for key in ("median_ms", "min_ms", "max_ms", "compile_s", "first_call_s"):
+            assert _finite(c[key]) and c[key] >= 0
+        assert c["loss_finite"] and c["loss_finite_end"]
+    assert _finite(cells[("adamw", "adaptx")]["vs_optax"]["median"])
+    assert "| recipe | impl |" in out.with_suffix(".md").read_text()

@@ -72,44 +72,66 @@ class _Block(nnx.Module):
 class FallbackClassifier(nnx.Module):
     """Embedding -> one pre-norm transformer block -> masked mean pooling -> MLP head.
 
-    >>> m = FallbackClassifier(50, 2, embed_dim=8, hidden_dim=8, rngs=nnx.Rngs(0))
+    ``encoder="mean"`` drops the transformer block (embedding bag + MLP: compiles in a
+    second, for smoke tests).
+
+    >>> m = FallbackClassifier(50, 2, embed_dim=8, hidden_dim=8, encoder="mean",
+    ...                        rngs=nnx.Rngs(0))
     >>> m(jnp.array([[5, 6, 0, 0]]), deterministic=True).shape
     (1, 2)
     """
 
-    def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int = 128,
-                 hidden_dim: int = 128, heads: int = 4, rngs: nnx.Rngs, **unused):
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        *,
+        embed_dim: int = 128,
+        hidden_dim: int = 128,
+        heads: int = 4,
+        encoder: str = "transformer",
+        rngs: nnx.Rngs,
+        **unused,
+    ):
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.block = _Block(embed_dim, heads, rngs=rngs)
+        self.block = _Block(embed_dim, heads, rngs=rngs) if encoder != "mean" else None
         self.hidden = nnx.Linear(embed_dim, hidden_dim, rngs=rngs)
         self.out = nnx.Linear(hidden_dim, num_classes, rngs=rngs)
 
     def __call__(self, tokens, *, deterministic: bool):
         del deterministic
         mask = tokens > 0
-        h = self.block(self.embed(tokens), mask)
+        h = self.embed(tokens)
+        if self.block is not None:
+            h = self.block(h, mask)
         m = mask[..., None].astype(h.dtype)
         pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return self.out(jax.nn.relu(self.hidden(pooled)))
 
 
-def load_model_class():
+def load_model_class(which: str = "example"):
     """The example's ``TextClassifier`` if present, else :class:`FallbackClassifier`."""
-    if MODEL_PATH.exists():
+    if which == "example" and MODEL_PATH.exists():
         spec = importlib.util.spec_from_file_location("adaptx_bench_example_model", MODEL_PATH)
         mod = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(mod)
             return mod.TextClassifier, str(MODEL_PATH.relative_to(HERE.parent))
         except Exception as e:  # noqa: BLE001 - an example mid-edit must not break the bench
-            print(f"could not import {MODEL_PATH} ({type(e).__name__}: {e}); using the "
-                  "fallback model")
+            print(
+                f"could not import {MODEL_PATH} ({type(e).__name__}: {e}); using the fallback model"
+            )
     return FallbackClassifier, "bench/train_step.py:FallbackClassifier"
 
 
 def build_model(cls, args):
-    wanted = {"encoder": args.encoder, "embed_dim": args.embed_dim,
-              "hidden_dim": args.hidden_dim, "max_len": args.max_len, "layers": args.layers}
+    wanted = {
+        "encoder": args.encoder,
+        "embed_dim": args.embed_dim,
+        "hidden_dim": args.hidden_dim,
+        "max_len": args.max_len,
+        "layers": args.layers,
+    }
     params = inspect.signature(cls.__init__).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in wanted.items() if takes_all or k in params}
@@ -119,7 +141,8 @@ def build_model(cls, args):
 def decay_mask(params):
     """Weight decay on matrices only (not biases, norms or embeddings), as in the example."""
     return jax.tree.map_with_path(
-        lambda path, p: p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path), params)
+        lambda path, p: p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path), params
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -134,18 +157,25 @@ def optimizers(recipe: str) -> dict[str, optax.GradientTransformation | None]:
     lr = schedule()
 
     def optax_adamw():
-        return optax.chain(optax.clip_by_global_norm(MAX_NORM),
-                           optax.adamw(lr, weight_decay=WD, mask=decay_mask))
+        return optax.chain(
+            optax.clip_by_global_norm(MAX_NORM), optax.adamw(lr, weight_decay=WD, mask=decay_mask)
+        )
 
     if recipe == "adamw":
-        return {"optax": optax_adamw(),
-                "adaptx": adaptx.adamw(lr, weight_decay=WD, max_norm=MAX_NORM, mask=decay_mask)}
+        return {
+            "optax": optax_adamw(),
+            "adaptx": adaptx.adamw(lr, weight_decay=WD, max_norm=MAX_NORM, mask=decay_mask),
+        }
     if recipe == "robust_adamw":
-        return {"optax": optax.apply_if_finite(optax_adamw(), 10),
-                "adaptx": adaptx.robust_adamw(lr, weight_decay=WD, mask=decay_mask)}
+        return {
+            "optax": optax.apply_if_finite(optax_adamw(), 10),
+            "adaptx": adaptx.robust_adamw(lr, weight_decay=WD, mask=decay_mask),
+        }
     if recipe == "sgd":
-        return {"optax": optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.sgd(lr, 0.9)),
-                "adaptx": adaptx.sgd(lr, momentum=0.9, max_norm=MAX_NORM)}
+        return {
+            "optax": optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.sgd(lr, 0.9)),
+            "adaptx": adaptx.sgd(lr, momentum=0.9, max_norm=MAX_NORM),
+        }
     if recipe == "grad-only":
         return {"none": None}
     raise ValueError(recipe)
@@ -235,19 +265,34 @@ def synthetic_batch(args):
 
 
 def _update_step_module():
-    spec = importlib.util.spec_from_file_location("adaptx_bench_update_step_for_train",
-                                                  HERE / "update_step.py")
+    spec = importlib.util.spec_from_file_location(
+        "adaptx_bench_update_step_for_train", HERE / "update_step.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipes", default="adamw,robust_adamw,sgd,grad-only",
-                   help=f"comma-separated subset of {','.join(RECIPES)}")
-    p.add_argument("--encoder", default="lstm", help="lstm | transformer | rnn (example model)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--recipes",
+        default="adamw,robust_adamw,sgd,grad-only",
+        help=f"comma-separated subset of {','.join(RECIPES)}",
+    )
+    p.add_argument(
+        "--model",
+        choices=("example", "fallback"),
+        default="example",
+        help="the example's TextClassifier (fallback if missing) or the built-in one",
+    )
+    p.add_argument(
+        "--encoder",
+        default="lstm",
+        help="example: lstm | transformer | rnn; fallback: transformer | mean",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, default=56)
     p.add_argument("--vocab-size", type=int, default=30_000)
@@ -258,8 +303,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 20; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3; quick 1)")
-    p.add_argument("--out", default=str(HERE / "results" / "train_step"),
-                   help="output path prefix: writes PREFIX.json and PREFIX.md")
+    p.add_argument(
+        "--out",
+        default=str(HERE / "results" / "train_step"),
+        help="output path prefix: writes PREFIX.json and PREFIX.md",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny model and batch: seconds")
     args = p.parse_args(argv)
     if args.quick:
@@ -276,7 +324,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     us = _update_step_module()
     events = us.compile_events()
-    model_cls, model_src = load_model_class()
+    model_cls, model_src = load_model_class(args.model)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     for r in recipes:
         if r not in RECIPES:
@@ -288,7 +336,9 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "model": model_src, "device": us.device_info(), "versions": us.versions(),
+        "model": model_src,
+        "device": us.device_info(),
+        "versions": us.versions(),
         "loadavg_start": us._loadavg(),
     }
     meta["versions"].pop("torch", None)
@@ -322,14 +372,22 @@ def main(argv=None) -> dict:
     cells = []
     for v in variants:
         ts = [r[v.name] for r in rounds]
-        cell = {"recipe": v.recipe, "impl": v.impl, **us.summarize(ts), **v.info,
-                "loss_finite_end": bool(np.isfinite(float(v.metrics["loss"])))}
+        cell = {
+            "recipe": v.recipe,
+            "impl": v.impl,
+            **us.summarize(ts),
+            **v.info,
+            "loss_finite_end": bool(np.isfinite(float(v.metrics["loss"]))),
+        }
         for ref in (f"{v.recipe}/optax", "grad-only/none"):
             if ref != v.name and all(ref in r for r in rounds):
                 ratios = [r[v.name] / r[ref] for r in rounds]
                 key = "vs_optax" if ref.endswith("optax") else "vs_grad_only"
-                cell[key] = {"median": statistics.median(ratios), "min": min(ratios),
-                             "max": max(ratios)}
+                cell[key] = {
+                    "median": statistics.median(ratios),
+                    "min": min(ratios),
+                    "max": max(ratios),
+                }
         cells.append(cell)
     results = {"meta": meta, "cells": cells}
     out = Path(args.out)
@@ -347,7 +405,8 @@ def markdown(results: dict) -> str:
     d, c = m["device"], m["config"]
     lines = [
         f"Device: {d.get('cpu_model', d['device_kind'])} ({d['platform']}, {d['cpu_count']} "
-        f"cores); " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+        f"cores); "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
         + f"; {m['date']}; load average {m['loadavg_start']} at start, {m['loadavg_end']} at end.",
         f"Model: {m['model']} (encoder {c['encoder']}, embed {c['embed_dim']}, hidden "
         f"{c['hidden_dim']}, vocab {c['vocab_size']}; {m['leaves']} leaves, {m['params']:,} "
@@ -359,13 +418,16 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for x in results["cells"]:
+
         def r(key, x=x):
             v = x.get(key)
             return "" if v is None else f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"
 
-        lines.append(f"| {x['recipe']} | {x['impl']} | {x['median_ms']:.2f} "
-                     f"[{x['min_ms']:.2f}-{x['max_ms']:.2f}] | {r('vs_optax')} | "
-                     f"{r('vs_grad_only')} | {x['compile_s']:.2f} | {x['first_call_s']:.2f} |")
+        lines.append(
+            f"| {x['recipe']} | {x['impl']} | {x['median_ms']:.2f} "
+            f"[{x['min_ms']:.2f}-{x['max_ms']:.2f}] | {r('vs_optax')} | "
+            f"{r('vs_grad_only')} | {x['compile_s']:.2f} | {x['first_call_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

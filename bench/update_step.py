@@ -140,7 +140,7 @@ def make_numpy_tree(shapes, seed: int, scale: float):
     rng = np.random.default_rng(seed)
 
     def leaf(shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
 
     return jax.tree.map(leaf, shapes, is_leaf=_is_shape)
 
@@ -188,8 +188,9 @@ def hand_written(pipeline: str):
 
 
 def _load_packed():
-    spec = importlib.util.spec_from_file_location("adaptx_bench_packed_adamw",
-                                                  HERE / "packed_adamw.py")
+    spec = importlib.util.spec_from_file_location(
+        "adaptx_bench_packed_adamw", HERE / "packed_adamw.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -200,8 +201,9 @@ _MODULES: dict = {}
 
 def _hlo_report():
     if "hlo" not in _MODULES:
-        spec = importlib.util.spec_from_file_location("adaptx_bench_hlo_report",
-                                                      HERE / "hlo_report.py")
+        spec = importlib.util.spec_from_file_location(
+            "adaptx_bench_hlo_report", HERE / "hlo_report.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         _MODULES["hlo"] = mod
@@ -217,8 +219,9 @@ def _optax_step(tx):
 
 
 def _optax_clip_adamw():
-    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(LR, B1, B2, EPS,
-                                                                       weight_decay=WD))
+    return optax.chain(
+        optax.clip_by_global_norm(MAX_NORM), optax.adamw(LR, B1, B2, EPS, weight_decay=WD)
+    )
 
 
 def _call_recipe(name: str):
@@ -245,10 +248,14 @@ def _robust_unguarded():
 
 NEAREST_OPTAX = {
     # recipe -> (description, factory)
-    "robust_adamw": ("apply_if_finite(chain(clip_by_global_norm(1), adamw), 10)",
-                     lambda: optax.apply_if_finite(_optax_clip_adamw(), 10)),
-    "guard": ("apply_if_finite(chain(clip_by_global_norm(1), adamw), 10)",
-              lambda: optax.apply_if_finite(_optax_clip_adamw(), 10)),
+    "robust_adamw": (
+        "apply_if_finite(chain(clip_by_global_norm(1), adamw), 10)",
+        lambda: optax.apply_if_finite(_optax_clip_adamw(), 10),
+    ),
+    "guard": (
+        "apply_if_finite(chain(clip_by_global_norm(1), adamw), 10)",
+        lambda: optax.apply_if_finite(_optax_clip_adamw(), 10),
+    ),
     "stable_adamw": ("chain(clip_by_global_norm(1), adamw)", _optax_clip_adamw),
     "spam": ("chain(clip_by_global_norm(1), adamw)", _optax_clip_adamw),
     "zclip": ("chain(clip_by_global_norm(1), adamw)", _optax_clip_adamw),
@@ -259,25 +266,38 @@ def jax_variants(pipeline: str, n_leaves: int, impls) -> dict[str, tuple[str, Ca
     """impl -> (description, factory returning (init_fn, step_fn))."""
     out: dict[str, tuple[str, Callable]] = {}
     if pipeline == "clip+adamw":
-        out["optax"] = ("chain(clip_by_global_norm(1), adamw)",
-                        lambda: _optax_step(_optax_clip_adamw()))
-        out["adaptx"] = ("adamw(max_norm=1)",
-                         lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)))
+        out["optax"] = (
+            "chain(clip_by_global_norm(1), adamw)",
+            lambda: _optax_step(_optax_clip_adamw()),
+        )
+        out["adaptx"] = (
+            "adamw(max_norm=1)",
+            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)),
+        )
         out["jax"] = ("hand-written", lambda: hand_written(pipeline))
         if n_leaves > 1:
-            out["packed"] = ("prototype packed_adamw (bench/packed_adamw.py)",
-                             lambda: _optax_step(_load_packed().packed_adamw(
-                                 LR, B1, B2, EPS, WD, max_norm=MAX_NORM)))
+            out["packed"] = (
+                "prototype packed_adamw (bench/packed_adamw.py)",
+                lambda: _optax_step(
+                    _load_packed().packed_adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)
+                ),
+            )
     elif pipeline == "adamw":
         out["optax"] = ("adamw", lambda: _optax_step(optax.adamw(LR, B1, B2, EPS, weight_decay=WD)))
-        out["adaptx"] = ("adamw(max_norm=None)",
-                         lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=None)))
+        out["adaptx"] = (
+            "adamw(max_norm=None)",
+            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=None)),
+        )
         out["jax"] = ("hand-written", lambda: hand_written(pipeline))
     elif pipeline == "clip":
-        out["optax"] = ("clip_by_global_norm(1)",
-                        lambda: _optax_step(optax.clip_by_global_norm(MAX_NORM)))
-        out["adaptx"] = ("clip_by_global_norm(1)",
-                         lambda: _optax_step(adaptx.clip_by_global_norm(MAX_NORM)))
+        out["optax"] = (
+            "clip_by_global_norm(1)",
+            lambda: _optax_step(optax.clip_by_global_norm(MAX_NORM)),
+        )
+        out["adaptx"] = (
+            "clip_by_global_norm(1)",
+            lambda: _optax_step(adaptx.clip_by_global_norm(MAX_NORM)),
+        )
         out["jax"] = ("hand-written", lambda: hand_written(pipeline))
     elif pipeline == "sgd-floor":
         out["optax"] = ("sgd(lr)", lambda: _optax_step(optax.sgd(LR)))
@@ -286,12 +306,16 @@ def jax_variants(pipeline: str, n_leaves: int, impls) -> dict[str, tuple[str, Ca
         desc, factory = NEAREST_OPTAX[pipeline]
         out["optax"] = (desc, lambda: _optax_step(factory()))
         out["adaptx"] = (pipeline, lambda: _optax_step(_call_recipe(pipeline)))
-        plain = ("adamw(max_norm=1): clip + AdamW, no defenses",
-                 lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)))
+        plain = (
+            "adamw(max_norm=1): clip + AdamW, no defenses",
+            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)),
+        )
         if pipeline == "robust_adamw":
-            out["adaptx-base"] = ("robust_adamw's chain without guard: chain(zclip(), "
-                                  "scale_by_adam(update_rms_clip=1), decay, lr)",
-                                  lambda: _optax_step(_robust_unguarded()))
+            out["adaptx-base"] = (
+                "robust_adamw's chain without guard: chain(zclip(), "
+                "scale_by_adam(update_rms_clip=1), decay, lr)",
+                lambda: _optax_step(_robust_unguarded()),
+            )
             out["adaptx-adamw"] = plain
         elif pipeline == "guard":
             out["adaptx-base"] = ("the guarded chain alone: " + plain[0], plain[1])
@@ -441,8 +465,12 @@ def quiet():
 
 def summarize(times: list[float]) -> dict:
     ms = [t * 1e3 for t in times]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
-            "reps": len(ms)}
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "reps": len(ms),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -478,8 +506,9 @@ class JaxVariant(Variant):
         if self.info["state_shared_buffers"]:
             self.s = jax.tree.map(lambda x: jnp.array(x, copy=True), self.s)
         self.fn = jax.jit(step, donate_argnums=(0, 1))
-        self.spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 (self.p, self.s, self.g))
+        self.spec = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (self.p, self.s, self.g)
+        )
 
     def compile(self):
         with quiet(), compile_events().collect() as ev:
@@ -501,8 +530,12 @@ class JaxVariant(Variant):
         try:
             ma = compiled.memory_analysis()
             info["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
-            info["xla_peak_bytes"] = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                         - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+            info["xla_peak_bytes"] = int(
+                ma.argument_size_in_bytes
+                + ma.output_size_in_bytes
+                - ma.alias_size_in_bytes
+                + ma.temp_size_in_bytes
+            )
         except Exception:  # noqa: BLE001 - not every backend implements it
             pass
         try:
@@ -537,15 +570,20 @@ class TorchVariant(Variant):
         self.torch, self.pipeline = torch, pipeline
         leaves_p = jax.tree.leaves(np_params)
         leaves_g = jax.tree.leaves(np_grads)
-        self.params = [torch.nn.Parameter(torch.from_numpy(np.array(p))) for p in leaves_p]
+        # Same device as JAX: CUDA when JAX runs on a GPU and torch sees one, else CPU.
+        on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.params = [
+            torch.nn.Parameter(torch.from_numpy(np.array(p)).to(self.device)) for p in leaves_p
+        ]
         for p, g in zip(self.params, leaves_g, strict=True):
-            p.grad = torch.from_numpy(np.array(g))
+            p.grad = torch.from_numpy(np.array(g)).to(self.device)
         self.grads = [p.grad for p in self.params]
         self.opt = None
         if pipeline in ("clip+adamw", "adamw"):
             self.opt, mode = self._adamw()
             clip = "clip_grad_norm_(foreach=True) + " if pipeline == "clip+adamw" else ""
-            self.desc = f"{clip}AdamW({mode})"
+            self.desc = f"{clip}AdamW({mode}) on {self.device.type}"
         elif pipeline == "clip":
             self.desc = "clip_grad_norm_(foreach=True) + _foreach_add_"
         else:
@@ -554,15 +592,17 @@ class TorchVariant(Variant):
     def _adamw(self):
         torch = self.torch
         for kw in ({"fused": True}, {"foreach": True}):
-            opt = torch.optim.AdamW(self.params, lr=LR, betas=(B1, B2), eps=EPS,
-                                    weight_decay=WD, **kw)
+            opt = torch.optim.AdamW(
+                self.params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD, **kw
+            )
             try:
                 opt.step()  # probe support; also the first step (warm-up)
                 return opt, ", ".join(f"{k}=True" for k in kw)
             except (RuntimeError, TypeError):
                 continue
-        return torch.optim.AdamW(self.params, lr=LR, betas=(B1, B2), eps=EPS,
-                                 weight_decay=WD), "default"
+        return torch.optim.AdamW(
+            self.params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD
+        ), "default"
 
     def compile(self):
         t0 = time.perf_counter()
@@ -580,6 +620,8 @@ class TorchVariant(Variant):
                 torch._foreach_add_([p.data for p in self.params], self.grads)
             else:
                 torch._foreach_add_([p.data for p in self.params], self.grads, alpha=-LR)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def memory_probe(self):
         with RssPeak() as r:
@@ -675,8 +717,13 @@ def run_rounds(variants: list[Variant], reps: int, warmup: int) -> list[dict[str
 
 
 def versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version(), "jax": jax.__version__,
-           "optax": optax.__version__, "adaptx": adaptx.__version__, "numpy": np.__version__}
+    out = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "adaptx": adaptx.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import jaxlib
 
@@ -693,9 +740,13 @@ def versions() -> dict[str, str | None]:
 
 def device_info() -> dict:
     dev = jax.devices()[0]
-    info = {"platform": dev.platform, "device_kind": dev.device_kind,
-            "jax_device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine()}
+    info = {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "jax_device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -759,17 +810,31 @@ def bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx) ->
     variants: list[Variant] = []
 
     def record(impl, desc, status, reason=None, info=None):
-        cells.append({"tree": ctx["tree"], "tree_kind": kind, "pipeline": pipeline,
-                      "impl": impl, "desc": desc, "status": status, "reason": reason,
-                      **(info or {})})
+        cells.append(
+            {
+                "tree": ctx["tree"],
+                "tree_kind": kind,
+                "pipeline": pipeline,
+                "impl": impl,
+                "desc": desc,
+                "status": status,
+                "reason": reason,
+                **(info or {}),
+            }
+        )
 
     for impl, (desc, factory) in jax_variants(pipeline, len(leaves), impls).items():
-        if (args.max_compile_seconds is not None and len(leaves) > 2 * args.probe_leaves):
+        if args.max_compile_seconds is not None and len(leaves) > 2 * args.probe_leaves:
             est = estimate_compile(factory, shapes, args.probe_leaves)
             if est > args.max_compile_seconds:
-                record(impl, desc, "skipped",
-                       f"estimated compile {est:.0f} s > --max-compile-seconds "
-                       f"{args.max_compile_seconds:g}", {"compile_estimate_s": est})
+                record(
+                    impl,
+                    desc,
+                    "skipped",
+                    f"estimated compile {est:.0f} s > --max-compile-seconds "
+                    f"{args.max_compile_seconds:g}",
+                    {"compile_estimate_s": est},
+                )
                 continue
         try:
             v = JaxVariant(impl, desc, factory, np_params, g_dev)
@@ -784,7 +849,7 @@ def bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx) ->
             v.compile()
             v.memory_probe()
             variants.append(v)
-        if "c" in impls and ctx["clib"] is not None:
+        if "c" in impls and ctx["clib"] is not None and jax.devices()[0].platform == "cpu":
             v = CVariant(ctx["cmod"], ctx["clib"], pipeline, np_params, np_grads)
             v.compile()
             v.memory_probe()
@@ -803,17 +868,25 @@ def bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx) ->
             gbps = nbytes / (s["median_ms"] * 1e-3) / 1e9
             # Per round: achieved GB/s over the ceiling's GB/s in the same round.
             ratios = [(nbytes / r[v.impl]) / (ceil_bytes / r["ceiling"]) for r in rounds]
-            info = {**s, **v.info, "model_bytes": nbytes, "gbps": gbps,
-                    "ceiling_ratio": statistics.median(ratios),
-                    "ceiling_ratio_range": [min(ratios), max(ratios)],
-                    "ceiling_in_cell": cs}
+            info = {
+                **s,
+                **v.info,
+                "model_bytes": nbytes,
+                "gbps": gbps,
+                "ceiling_ratio": statistics.median(ratios),
+                "ceiling_ratio_range": [min(ratios), max(ratios)],
+                "ceiling_in_cell": cs,
+            }
             for ref in ("optax", "c", "adaptx-base"):
                 if ref != v.impl and all(ref in r for r in rounds):
                     ratios = [r[v.impl] / r[ref] for r in rounds]
-                    info[f"vs_{ref}"] = {"median": statistics.median(ratios),
-                                         "min": min(ratios), "max": max(ratios),
-                                         "of_medians": s["median_ms"] / statistics.median(
-                                             [r[ref] * 1e3 for r in rounds])}
+                    info[f"vs_{ref}"] = {
+                        "median": statistics.median(ratios),
+                        "min": min(ratios),
+                        "max": max(ratios),
+                        "of_medians": s["median_ms"]
+                        / statistics.median([r[ref] * 1e3 for r in rounds]),
+                    }
             record(v.impl, v.desc, "ok", None, info)
             v.close()
     order = {k: i for i, k in enumerate(IMPLS)}
@@ -823,28 +896,48 @@ def bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx) ->
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--trees", default=",".join(TREE_KINDS),
-                   help=f"comma-separated subset of {','.join(TREE_KINDS)}")
-    p.add_argument("--pipelines", default="all",
-                   help="comma-separated subset of " + ",".join(CORE_PIPELINES + RECIPES)
-                   + " ('all': the core ones plus every recipe adaptx has)")
-    p.add_argument("--impls", default=",".join(IMPLS),
-                   help=f"comma-separated subset of {','.join(IMPLS)}")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--trees",
+        default=",".join(TREE_KINDS),
+        help=f"comma-separated subset of {','.join(TREE_KINDS)}",
+    )
+    p.add_argument(
+        "--pipelines",
+        default="all",
+        help="comma-separated subset of "
+        + ",".join(CORE_PIPELINES + RECIPES)
+        + " ('all': the core ones plus every recipe adaptx has)",
+    )
+    p.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
+    )
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 20; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3; quick 1)")
-    p.add_argument("--out", default=str(HERE / "results" / "update_step"),
-                   help="output path prefix: writes PREFIX.json and PREFIX.md")
+    p.add_argument(
+        "--out",
+        default=str(HERE / "results" / "update_step"),
+        help="output path prefix: writes PREFIX.json and PREFIX.md",
+    )
     p.add_argument("--quick", action="store_true", help="tiny trees, few reps: seconds")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     p.add_argument("--no-c", action="store_true", help="leave the C floor out")
-    p.add_argument("--max-compile-seconds", type=float, default=None,
-                   help="skip a JAX cell whose compile time, estimated from a probe on "
-                   "--probe-leaves leaves, exceeds this (many-leaf trees only)")
+    p.add_argument(
+        "--max-compile-seconds",
+        type=float,
+        default=None,
+        help="skip a JAX cell whose compile time, estimated from a probe on "
+        "--probe-leaves leaves, exceeds this (many-leaf trees only)",
+    )
     p.add_argument("--probe-leaves", type=int, default=200)
-    p.add_argument("--omp-wait-policy", choices=("passive", "active", "default"),
-                   default="passive", help="OMP_WAIT_POLICY for PyTorch and the C floor")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=("passive", "active", "default"),
+        default="passive",
+        help="OMP_WAIT_POLICY for PyTorch and the C floor",
+    )
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 5 if args.quick else 20
@@ -892,26 +985,39 @@ def main(argv=None) -> dict:
         "script": "bench/update_step.py",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "quick": args.quick, "reps": args.reps, "warmup": args.warmup,
-        "device": device_info(), "versions": versions(),
+        "quick": args.quick,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "device": device_info(),
+        "versions": versions(),
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "c_floor": (None if clib is None else
-                    {"flags": clib.flags, "openmp": clib.openmp, "threads": clib.threads}),
+        "c_floor": (
+            None
+            if clib is None
+            else {"flags": clib.flags, "openmp": clib.openmp, "threads": clib.threads}
+        ),
         "recipes_available": available_recipes,
         "loadavg_start": _loadavg(),
-        "hyperparameters": {"lr": LR, "b1": B1, "b2": B2, "eps": EPS, "weight_decay": WD,
-                            "max_norm": MAX_NORM},
+        "hyperparameters": {
+            "lr": LR,
+            "b1": B1,
+            "b2": B2,
+            "eps": EPS,
+            "weight_decay": WD,
+            "max_norm": MAX_NORM,
+        },
         "memory_method": (
             "xla_peak_bytes: XLA's static memory analysis of the compiled step (arguments + "
             "outputs - donated aliases + temporaries); rss_peak_delta_bytes: process RSS "
             "sampled every ~0.2 ms during one isolated step, minus RSS before it (CPU); "
             "device_peak_bytes_in_use: the accelerator allocator's running peak when the "
-            "backend reports one"),
+            "backend reports one"
+        ),
         "bytes_method": "float32 passes over the tree required by the math (see PASSES) "
-                        "x 4 bytes x params",
+        "x 4 bytes x params",
         "ceiling_method": "donated in-place x = a*x + b over as many float32 as the tree "
-                          "holds: 2 passes",
+        "holds: 2 passes",
     }
     print(f"device: {meta['device']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
@@ -925,18 +1031,30 @@ def main(argv=None) -> dict:
         name = tree_name(kind, shapes)
         leaves = jax.tree.leaves(shapes, is_leaf=_is_shape)
         n_params = sum(math.prod(s) for s in leaves)
-        results["trees"][name] = {"kind": kind, "leaves": len(leaves), "params": n_params,
-                                  "description": TREE_KINDS[kind]}
+        results["trees"][name] = {
+            "kind": kind,
+            "leaves": len(leaves),
+            "params": n_params,
+            "description": TREE_KINDS[kind],
+        }
         np_params = make_numpy_tree(shapes, 0, 0.02)
         np_grads = make_numpy_tree(shapes, 1, 0.01)
         g_dev = jax.tree.map(jnp.asarray, np_grads)
         ceil = ceiling(n_params, args.reps, args.warmup, clib)
         results["ceilings"][name] = ceil
-        print(f"\n== {name}: {len(leaves)} leaves, {n_params:,} params; ceiling "
-              f"{ceil['jax']['gbps']:.1f} GB/s (JAX)"
-              + (f", {ceil['c']['gbps']:.1f} GB/s (C)" if "c" in ceil else ""))
-        ctx = {"tree": name, "impls": impls, "torch": torch, "clib": clib, "cmod": cmod,
-               "ceiling": ceil}
+        print(
+            f"\n== {name}: {len(leaves)} leaves, {n_params:,} params; ceiling "
+            f"{ceil['jax']['gbps']:.1f} GB/s (JAX)"
+            + (f", {ceil['c']['gbps']:.1f} GB/s (C)" if "c" in ceil else "")
+        )
+        ctx = {
+            "tree": name,
+            "impls": impls,
+            "torch": torch,
+            "clib": clib,
+            "cmod": cmod,
+            "ceiling": ceil,
+        }
         for pipeline in pipelines:
             cells = bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx)
             results["cells"].extend(cells)
@@ -978,8 +1096,10 @@ def format_line(c: dict) -> str:
     head = f"{c['pipeline']:<13} {c['impl']:<12}"
     if c["status"] != "ok":
         return f"{head} {c['status']}: {c['reason']}"
-    s = (f"{head} {c['median_ms']:9.3f} ms [{c['min_ms']:.3f}-{c['max_ms']:.3f}]"
-         f" {c['gbps']:6.1f} GB/s ({100 * c['ceiling_ratio']:.0f}% ceil)")
+    s = (
+        f"{head} {c['median_ms']:9.3f} ms [{c['min_ms']:.3f}-{c['max_ms']:.3f}]"
+        f" {c['gbps']:6.1f} GB/s ({100 * c['ceiling_ratio']:.0f}% ceil)"
+    )
     if "vs_optax" in c:
         s += f"  x{c['vs_optax']['median']:.2f} optax"
     if "compile_s" in c:
@@ -1003,12 +1123,14 @@ def markdown(results: dict) -> str:
     d = m["device"]
     lines = [
         f"Device: {d.get('cpu_model', d['device_kind'])} ({d['platform']}, "
-        f"{d['cpu_count']} cores); " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()
-                                                  if v) + f"; {m['date']}; load average "
+        f"{d['cpu_count']} cores); "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+        + f"; {m['date']}; load average "
         f"{m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end.",
         "",
         f"{m['reps']} timed interleaved rounds after {m['warmup']} warm-up rounds"
-        + (" (--quick)" if m["quick"] else "") + ". **step ms**: median [min-max]. **x optax**, "
+        + (" (--quick)" if m["quick"] else "")
+        + ". **step ms**: median [min-max]. **x optax**, "
         "**x C**: median [min-max] of the per-round paired ratios. **compile s**: trace + "
         "lowering + XLA compile. **HLO passes**: bytes the compiled kernels read and write, in "
         "float32 passes over the tree (the math needs the number after the slash). **GB/s**: "
@@ -1024,16 +1146,24 @@ def markdown(results: dict) -> str:
         ceil = results["ceilings"].get(tree, {})
         cj = ceil.get("jax", {}).get("gbps")
         cc = ceil.get("c", {}).get("gbps")
-        lines += ["", f"### {tree}: {t['leaves']} leaves, {t['params']:,} params",
-                  "", f"Ceiling measured before the cells: {cj:.1f} GB/s (JAX)"
-                  + (f", {cc:.1f} GB/s (C)" if cc else "") + ".", "",
-                  "| pipeline | impl | step ms | x optax | x C | compile s | first call s "
-                  "| fusions | HLO passes | GB/s | % ceil | peak MB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"### {tree}: {t['leaves']} leaves, {t['params']:,} params",
+            "",
+            f"Ceiling measured before the cells: {cj:.1f} GB/s (JAX)"
+            + (f", {cc:.1f} GB/s (C)" if cc else "")
+            + ".",
+            "",
+            "| pipeline | impl | step ms | x optax | x C | compile s | first call s "
+            "| fusions | HLO passes | GB/s | % ceil | peak MB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for c in cells:
             if c["status"] != "ok":
-                lines.append(f"| {c['pipeline']} | {c['impl']} | {c['status']}: "
-                             f"{c['reason']} | | | | | | | | | |")
+                lines.append(
+                    f"| {c['pipeline']} | {c['impl']} | {c['status']}: "
+                    f"{c['reason']} | | | | | | | | | |"
+                )
                 continue
             comp = f"{c['compile_s']:.2f}" if "compile_s" in c else ""
             need = PASSES.get(c["pipeline"], PASSES["clip+adamw"])
@@ -1044,7 +1174,8 @@ def markdown(results: dict) -> str:
                 f"{_ratio(c, 'vs_c')} | {comp} | {c['first_call_s']:.2f} | "
                 f"{c.get('fusions', '')} | {hp} | {c['gbps']:.1f} | "
                 f"{100 * c['ceiling_ratio']:.0f} | {_mb(c.get('xla_peak_bytes'))} / "
-                f"{_mb(c.get('rss_peak_delta_bytes'))} |")
+                f"{_mb(c.get('rss_peak_delta_bytes'))} |"
+            )
     if results.get("targets"):
         lines += ["", "### Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
         for t in results["targets"]:
@@ -1074,27 +1205,36 @@ def evaluate_targets(results: dict) -> list[dict]:
         c = _cell(results, tree, "clip+adamw", "c")
         if a and o:
             r = a["vs_optax"]["median"]
-            limit = {"single16": 0.5, "single64": 0.5, "transformer": 0.65,
-                     "many_small": 1.0}[kind]
-            add(f"{tree}: adaptx step <= {limit}x optax",
+            limit = {"single16": 0.5, "single64": 0.5, "transformer": 0.65, "many_small": 1.0}[kind]
+            add(
+                f"{tree}: adaptx step <= {limit}x optax",
                 f"{r:.2f}x [{a['vs_optax']['min']:.2f}-{a['vs_optax']['max']:.2f}] "
-                f"({a['median_ms']:.2f} vs {o['median_ms']:.2f} ms)", r <= limit)
+                f"({a['median_ms']:.2f} vs {o['median_ms']:.2f} ms)",
+                r <= limit,
+            )
             if kind == "transformer":
                 rc = a["compile_s"] / o["compile_s"]
-                add(f"{tree}: adaptx compile <= 0.1x optax",
-                    f"{rc:.2f}x ({a['compile_s']:.2f} vs {o['compile_s']:.2f} s)", rc <= 0.1)
+                add(
+                    f"{tree}: adaptx compile <= 0.1x optax",
+                    f"{rc:.2f}x ({a['compile_s']:.2f} vs {o['compile_s']:.2f} s)",
+                    rc <= 0.1,
+                )
             if a.get("xla_peak_bytes") is not None and o.get("xla_peak_bytes") is not None:
-                add(f"{tree}: adaptx peak memory <= optax (XLA static)",
+                add(
+                    f"{tree}: adaptx peak memory <= optax (XLA static)",
                     f"{a['xla_peak_bytes']:,} vs {o['xla_peak_bytes']:,} bytes",
-                    a["xla_peak_bytes"] <= o["xla_peak_bytes"])
+                    a["xla_peak_bytes"] <= o["xla_peak_bytes"],
+                )
         if a and kind == "many_small":
-            add(f"{tree}: adaptx compile <= 2 s", f"{a['compile_s']:.2f} s",
-                a["compile_s"] <= 2.0)
+            add(f"{tree}: adaptx compile <= 2 s", f"{a['compile_s']:.2f} s", a["compile_s"] <= 2.0)
         if a and kind in ("single16", "single64"):
             if c:
                 r = a["vs_c"]["median"]
-                add(f"{tree}: adaptx step <= 1.5x C floor",
-                    f"{r:.2f}x ({a['median_ms']:.2f} vs {c['median_ms']:.2f} ms)", r <= 1.5)
+                add(
+                    f"{tree}: adaptx step <= 1.5x C floor",
+                    f"{r:.2f}x ({a['median_ms']:.2f} vs {c['median_ms']:.2f} ms)",
+                    r <= 1.5,
+                )
             else:
                 add(f"{tree}: adaptx step <= 1.5x C floor", "C floor not measured", None)
         for recipe in ("robust_adamw",):
@@ -1102,9 +1242,12 @@ def evaluate_targets(results: dict) -> list[dict]:
             rb = _cell(results, tree, recipe, "adaptx-base")
             if ra and rb:
                 r = ra["vs_adaptx-base"]
-                add(f"{tree}: {recipe} <= 1.10x the chain without guard/telemetry",
+                add(
+                    f"{tree}: {recipe} <= 1.10x the chain without guard/telemetry",
                     f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}] "
-                    f"({ra['median_ms']:.2f} vs {rb['median_ms']:.2f} ms)", r["median"] <= 1.10)
+                    f"({ra['median_ms']:.2f} vs {rb['median_ms']:.2f} ms)",
+                    r["median"] <= 1.10,
+                )
     return out
 
 
