@@ -1,0 +1,263 @@
+"""Same model, same seed, several optimizers: who survives gradient explosions?
+
+    python examples/text_classifier/compare.py                      # clean run, no faults
+    python examples/text_classifier/compare.py --inject-spikes      # 1e4 x gradient spikes
+    python examples/text_classifier/compare.py --inject-nan         # one NaN gradient
+    python examples/text_classifier/compare.py --model rnn          # exploding plain RNN
+    python examples/text_classifier/compare.py --inject-nan --seeds 0,1,2
+
+Prints one table (one row per optimizer, averaged over seeds where more than one) and saves
+``runs/text_classifier/compare-<scenario>.png`` with loss and gradient-norm curves of the
+first seed side by side. Faults are scripted: the gradient the optimizer receives is
+multiplied by ``--spike-scale`` (spikes) or by NaN at fixed steps, identically for every
+optimizer.
+
+Columns: ``test acc`` final test accuracy (no early stopping); ``non-finite at`` first step
+whose loss or parameters were NaN/inf; ``clipped`` steps whose gradient the optimizer scaled
+down; ``spikes`` steps the optimizer itself flagged as spikes (adaptive clippers and guards
+only); ``skipped`` steps with an exactly zero update; ``outcome`` ``ok``, ``diverged`` (ended
+with non-finite parameters) or ``not learning`` (finite, test accuracy below 0.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import adaptx  # noqa: E402
+import data as data_lib  # noqa: E402
+import train as train_lib  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# Scenarios: the model and training setup under test. Each is a Config plus a step budget.
+
+SCENARIOS: dict[str, dict] = {
+    # The main job's BiLSTM, Adam family; faults are injected on top of it.
+    "lstm": dict(config=dict(epochs=3), family="adam"),
+    # Plain tanh RNN with an expansive recurrent matrix, SGD with momentum: gradients
+    # explode on their own, no injection needed.
+    "rnn": dict(config=dict(encoder="rnn", recurrent_scale=1.5, bigrams=0, lr=0.1,
+                            warmup_steps=0, embed_dropout=0.0, dropout=0.0, epochs=3),
+                family="sgd"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# The optimizers under comparison, defined once. Each entry: name -> factory(lr, config).
+# adaptx defenses that are not in the installed adaptx are left out automatically.
+
+
+def _adam_family(lr, config: train_lib.Config) -> dict[str, Callable[[], optax.GradientTransformation]]:
+    wd, c = config.weight_decay, config.max_norm
+
+    def adam():
+        return optax.adamw(lr, weight_decay=wd)
+
+    table = {
+        "optax adamw": adam,
+        "optax clip+adamw": lambda: optax.chain(optax.clip_by_global_norm(c), adam()),
+        "optax apply_if_finite(clip+adamw)": lambda: optax.apply_if_finite(
+            optax.chain(optax.clip_by_global_norm(c), adam()), max_consecutive_errors=20),
+        "adaptx.adamw": lambda: adaptx.adamw(lr, weight_decay=wd, max_norm=c),
+        "adaptx zclip+adamw": lambda: optax.chain(adaptx.zclip(), adam()),
+        "adaptx autoclip+adamw": lambda: optax.chain(adaptx.autoclip(), adam()),
+    }
+    if hasattr(adaptx, "robust_adamw"):
+        table["adaptx.robust_adamw"] = lambda: adaptx.robust_adamw(lr, weight_decay=wd)
+    if hasattr(adaptx, "guard"):
+        table["adaptx guard(adamw)"] = lambda: adaptx.guard(
+            adaptx.adamw(lr, weight_decay=wd, max_norm=c))
+    return table
+
+
+def _sgd_family(lr, config: train_lib.Config) -> dict[str, Callable[[], optax.GradientTransformation]]:
+    c = config.max_norm
+
+    def sgd():
+        return optax.sgd(lr, momentum=0.9)
+
+    table = {
+        "optax sgd": sgd,
+        "optax clip+sgd": lambda: optax.chain(optax.clip_by_global_norm(c), sgd()),
+        "optax apply_if_finite(sgd)": lambda: optax.apply_if_finite(sgd(), 20),
+        "adaptx.sgd": lambda: adaptx.sgd(lr, momentum=0.9, max_norm=c),
+        "adaptx zclip+sgd": lambda: optax.chain(adaptx.zclip(max_norm=c), sgd()),
+        "adaptx autoclip+sgd": lambda: optax.chain(adaptx.autoclip(), sgd()),
+    }
+    if hasattr(adaptx, "guard"):
+        table["adaptx guard(sgd)"] = lambda: adaptx.guard(adaptx.sgd(lr, max_norm=c))
+    return table
+
+
+FAMILIES = {"adam": _adam_family, "sgd": _sgd_family}
+
+
+# --------------------------------------------------------------------------------------
+
+
+def fault_schedule(total_steps: int, spikes: bool, nan: bool, spike_scale: float):
+    """Steps and multipliers of the scripted faults (identical for every optimizer)."""
+    faults: dict[int, float] = {}
+    if spikes:
+        for frac in (0.3, 0.5, 0.7):
+            faults[int(frac * total_steps)] = spike_scale
+    if nan:
+        faults[int(0.4 * total_steps)] = math.nan
+    return faults
+
+
+def summarize(result: dict) -> dict:
+    hist = result["history"]
+    nonfinite = next((r["step"] for r in hist
+                      if not r["params_finite"] or not math.isfinite(r["loss"])), None)
+    clipped = sum(any(v < 1.0 for k, v in r.items() if k.endswith("/scale")) for r in hist)
+    spikes = sum(any(v > 0 for k, v in r.items() if k.endswith("/spike")) for r in hist)
+    detects = any(k.endswith("/spike") for k in hist[0]) if hist else False
+    skipped = sum(r["update_norm"] == 0.0 for r in hist)
+    finite = result["params_finite"]
+    acc = result["test_accuracy"]
+    outcome = "diverged" if not finite else ("not learning" if acc < 0.6 else "ok")
+    return {"test_acc": acc, "nonfinite_step": nonfinite, "clipped": clipped,
+            "spikes": spikes if detects else None, "skipped": skipped, "outcome": outcome}
+
+
+def format_table(rows: dict[str, list[dict]]) -> str:
+    head = (f"{'optimizer':<34} {'test acc':>15} {'non-finite at':>13} {'clipped':>8} "
+            f"{'spikes':>7} {'skipped':>8}  outcome")
+    lines = [head, "-" * len(head)]
+    for name, runs in rows.items():
+        accs = [r["test_acc"] for r in runs]
+        acc = f"{np.mean(accs):.3f}" + (f" ± {np.std(accs):.3f}" if len(runs) > 1 else "")
+        nf = [r["nonfinite_step"] for r in runs]
+        nf_s = "/".join("-" if s is None else str(s) for s in nf)
+        avg = lambda key: ("-" if runs[0][key] is None  # noqa: E731
+                           else f"{np.mean([r[key] for r in runs]):.0f}")
+        outcomes = sorted({r["outcome"] for r in runs})
+        outcome = ", ".join(f"{o} {sum(r['outcome'] == o for r in runs)}/{len(runs)}"
+                            for o in outcomes) if len(runs) > 1 else outcomes[0]
+        lines.append(f"{name:<34} {acc:>15} {nf_s:>13} {avg('clipped'):>8} "
+                     f"{avg('spikes'):>7} {avg('skipped'):>8}  {outcome}")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, list[dict]], faults: dict[int, float], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, hist in curves.items():
+        steps = np.array([r["step"] for r in hist])
+        loss = np.array([r["loss"] for r in hist], dtype=float)
+        # Moving average over 10 steps; NaN losses leave gaps.
+        smooth = np.convolve(np.nan_to_num(loss, nan=np.nan), np.ones(10) / 10, mode="same")
+        (line,) = ax1.plot(steps, smooth, lw=1.2, label=name)
+        gn = np.array([r["grad_norm"] for r in hist], dtype=float)
+        ax2.semilogy(steps, np.where(np.isfinite(gn), gn, np.nan), lw=0.7,
+                     color=line.get_color(), alpha=0.8)
+    for step, scale in faults.items():
+        for ax in (ax1, ax2):
+            ax.axvline(step, color="r" if math.isnan(scale) else "gray", ls=":", lw=1)
+    ax1.set(xlabel="step", ylabel="training loss (10-step mean)", title="loss")
+    ax1.set_ylim(0, 1.5)
+    ax2.set(xlabel="step", ylabel="global norm", title="gradient norm the optimizer received")
+    ax1.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(SCENARIOS), default="lstm")
+    p.add_argument("--inject-spikes", action="store_true",
+                   help="multiply the gradient by --spike-scale at 30%%, 50%% and 70%% of training")
+    p.add_argument("--inject-nan", action="store_true",
+                   help="make the gradient NaN at 40%% of training")
+    p.add_argument("--spike-scale", type=float, default=1e4)
+    p.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--only", default=None,
+                   help="comma-separated substrings: run only matching optimizers")
+    p.add_argument("--out", default="runs/text_classifier")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override train.Config fields, e.g. --set recurrent_scale=1.2")
+    args = p.parse_args(argv)
+
+    scenario = SCENARIOS[args.model]
+    fields = {f.name: f for f in dataclasses.fields(train_lib.Config)}
+    overrides = dict(scenario["config"])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            p.error(f"--set: unknown Config field {key!r}")
+        kind = type(getattr(train_lib.Config(), key))
+        overrides[key] = value if kind is type(None) else (
+            value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    base = train_lib.Config(**overrides, progress=False, out=args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    dataset = data_lib.load(base.dataset, base.data, max_len=base.max_len,
+                            vocab_size=base.vocab_size, min_count=base.min_count,
+                            split_seed=base.split_seed, limit=base.limit, bigrams=base.bigrams)
+    steps_per_epoch = len(dataset.train) // base.batch_size
+    total = args.steps or steps_per_epoch * base.epochs
+    faults = fault_schedule(total, args.inject_spikes, args.inject_nan, args.spike_scale)
+    lr = train_lib.learning_rate(base, total)
+    table = FAMILIES[scenario["family"]](lr, base)
+    if args.only:
+        keys = args.only.split(",")
+        table = {k: v for k, v in table.items() if any(s in k for s in keys)}
+
+    scenario_name = args.model + "".join(
+        s for s, on in (("-spikes", args.inject_spikes), ("-nan", args.inject_nan)) if on)
+    print(f"scenario {scenario_name}: {base.encoder} on {dataset.source}, {total} steps, "
+          f"lr {base.lr}, seeds {seeds}, faults at "
+          f"{ {s: ('nan' if math.isnan(v) else v) for s, v in faults.items()} or 'none'}; "
+          f"adaptx defenses present: "
+          f"{[n for n in ('robust_adamw', 'guard', 'zclip', 'autoclip') if hasattr(adaptx, n)]}")
+    rows: dict[str, list[dict]] = {name: [] for name in table}
+    curves: dict[str, list[dict]] = {}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        config = dataclasses.replace(base, seed=seed)
+        for name, make in table.items():
+            result = train_lib.train(
+                config, dataset=dataset, tx=make(), max_steps=total,
+                grad_scale=lambda s: faults.get(s, 1.0), early_stopping=False,
+                log=lambda *_: None, write_files=False, validate=False)
+            row = summarize(result)
+            rows[name].append(row)
+            if seed == seeds[0]:
+                curves[name] = result["history"]
+            print(f"  seed {seed} {name:<34} test {row['test_acc']:.3f} {row['outcome']}"
+                  f" ({result['seconds']:.0f}s)", flush=True)
+    text = format_table(rows)
+    print(f"\n{scenario_name}, {len(seeds)} seed(s), {time.perf_counter() - t0:.0f}s\n{text}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"compare-{scenario_name}.png"
+    plot(curves, faults, png, f"{scenario_name}: {base.encoder}, seed {seeds[0]}")
+    (out / f"compare-{scenario_name}.txt").write_text(text + "\n")
+    print(f"wrote {png}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
