@@ -75,6 +75,7 @@ IMPLS = ("optax", "adaptx", "adaptx-base", "adaptx-adamw", "jax", "packed", "tor
 # Defense recipes are counted as clip+adamw (their checks fuse with the norm's read).
 PASSES = {"clip+adamw": 8, "adamw": 7, "clip": 4, "sgd-floor": 3}
 CEILING_PASSES = 2  # x = a * x + b: one read, one write
+MEMORY_SLACK = 4096  # bytes: adaptx keeps scalar telemetry (norms, scales) in its state
 
 TREE_KINDS = {
     "single16": "one 16M float32 leaf",
@@ -933,6 +934,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--probe-leaves", type=int, default=200)
     p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="measure nothing: merge these result files (e.g. runs of different "
+        "trees), re-check the targets and write --out",
+    )
+    p.add_argument(
         "--omp-wait-policy",
         choices=("passive", "active", "default"),
         default="passive",
@@ -946,8 +955,47 @@ def parse_args(argv=None):
     return args
 
 
+def merge(paths: list[str]) -> dict:
+    """Results of several runs as one (meta of the first, plus every run's meta)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {"meta": dict(runs[0]["meta"]), "trees": {}, "ceilings": {}, "cells": []}
+    out["meta"]["merged_from"] = [
+        {
+            "path": str(p),
+            "date": r["meta"]["date"],
+            "argv": r["meta"]["argv"],
+            "loadavg_start": r["meta"].get("loadavg_start"),
+            "loadavg_end": r["meta"].get("loadavg_end"),
+        }
+        for p, r in zip(paths, runs, strict=True)
+    ]
+    out["meta"]["loadavg_end"] = runs[-1]["meta"].get("loadavg_end")
+    for r in runs:
+        out["trees"].update(r["trees"])
+        out["ceilings"].update(r["ceilings"])
+        out["cells"].extend(r["cells"])
+    return out
+
+
+def write(results: dict, out: Path) -> str:
+    results["targets"] = evaluate_targets(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=_json_default))
+    md = markdown(results)
+    out.with_suffix(".md").write_text(md)
+    return md
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.from_json:
+        results = merge(args.from_json)
+        md = write(results, Path(args.out))
+        print(md)
+        print(
+            f"wrote {Path(args.out).with_suffix('.json')} and {Path(args.out).with_suffix('.md')}"
+        )
+        return results
     # Three thread pools (XLA's, PyTorch's OpenMP, the C floor's OpenMP) take turns on
     # the same cores; OpenMP workers that spin after a parallel region steal the cores
     # from whichever runs next. Passive waiting keeps the interleaved rounds fair. It
@@ -1064,12 +1112,8 @@ def main(argv=None) -> dict:
         del np_params, np_grads, g_dev
         gc.collect()
     meta["loadavg_end"] = _loadavg()
-    results["targets"] = evaluate_targets(results)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=_json_default))
-    md = markdown(results)
-    out.with_suffix(".md").write_text(md)
+    md = write(results, out)
     print("\n" + md)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return results
@@ -1247,6 +1291,15 @@ def evaluate_targets(results: dict) -> list[dict]:
                     f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}] "
                     f"({ra['median_ms']:.2f} vs {rb['median_ms']:.2f} ms)",
                     r["median"] <= 1.10,
+                )
+        for pipeline in sorted({c["pipeline"] for c in results["cells"]} - {"clip+adamw"}):
+            pa = _cell(results, tree, pipeline, "adaptx")
+            po = _cell(results, tree, pipeline, "optax")
+            if pa and po and pa.get("xla_peak_bytes") is not None:
+                add(
+                    f"{tree}: {pipeline}: adaptx peak memory <= optax's (XLA static)",
+                    f"{pa['xla_peak_bytes']:,} vs {po['xla_peak_bytes']:,} bytes",
+                    pa["xla_peak_bytes"] <= po["xla_peak_bytes"],
                 )
     return out
 

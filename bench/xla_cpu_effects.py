@@ -14,6 +14,9 @@ rounds, medians with min/max) and prints the kernels' traffic from the optimized
 * ``guard``: skipping a step with ``where(skip, old_state, new_state)`` around an Adam
   update, against the same select written inside the per-element update (the update
   computed from the selected moments). The first makes XLA copy both moments.
+* ``norm``: the sum of squares of one large leaf as ``jnp.sum(x * x)`` (what optax and
+  adaptx do), as ``jnp.vdot(x, x)`` and as row sums of a 2-D view; XLA:CPU runs the
+  first as one (YNNPACK) reduction kernel.
 * ``compile``: compile time on many small leaves of ``p - lr * g`` (the floor), of the
   same plus a global-norm clip with the norm summed leaf by leaf (as optax and adaptx
   do), and with the norm taken over one concatenation of the leaves.
@@ -22,7 +25,7 @@ rounds, medians with min/max) and prints the kernels' traffic from the optimized
     python bench/xla_cpu_effects.py --experiments compile --leaves 2000
 
 >>> sorted(EXPERIMENTS)
-['compile', 'guard', 'rms', 'temporaries']
+['compile', 'guard', 'norm', 'rms', 'temporaries']
 """
 
 from __future__ import annotations
@@ -94,6 +97,23 @@ def temporaries(n: int, reps: int) -> dict:
     }
     times, _ = _race(variants, reps)
     return {"elements": n, "times": times}
+
+
+def norms(n: int, reps: int) -> dict:
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(n, dtype=np.float32))
+    rows = 4096 if n % 4096 == 0 else 1
+    fns = {
+        "sum(x * x)": jax.jit(lambda x: jnp.sum(x * x)),
+        "vdot(x, x)": jax.jit(lambda x: jnp.vdot(x, x)),
+        "row sums of a 2-D view": jax.jit(lambda x: jnp.sum(jnp.sum((x * x).reshape(rows, -1), 1))),
+    }
+    times, states = _race({k: ((lambda _, f=f: f(x)), None) for k, f in fns.items()}, reps)
+    ref = float(states["sum(x * x)"])
+    return {
+        "elements": n,
+        "times": times,
+        "relative_diff": {k: abs(float(v) - ref) / ref for k, v in states.items()},
+    }
 
 
 def _rms_step(mode: str):
@@ -204,13 +224,14 @@ EXPERIMENTS = {
         a.size,
         a.reps,
     ),
+    "norm": lambda a: norms(a.size, a.reps),
     "compile": lambda a: compile_times(a.leaves),
 }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiments", default="temporaries,rms,guard")
+    p.add_argument("--experiments", default="temporaries,rms,guard,norm")
     p.add_argument("--size", type=int, default=1 << 24, help="elements (float32)")
     p.add_argument("--leaves", type=int, default=500, help="leaves for 'compile'")
     p.add_argument("--reps", type=int, default=15)
@@ -237,6 +258,8 @@ def main(argv=None) -> dict:
                 f"  {k:<34} lower {v['lower_s']:.2f} s, XLA compile {v['compile_s']:.2f} s, "
                 f"{v['kernels']} kernels"
             )
+        if "relative_diff" in r:
+            print(f"  relative difference vs sum(x * x): {r['relative_diff']}")
         if "max_abs_diff_vs_first" in r:
             print(f"  max |param difference| vs the first: {r['max_abs_diff_vs_first']}")
     if a.out:
