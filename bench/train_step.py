@@ -339,6 +339,7 @@ def main(argv=None) -> dict:
         "model": model_src,
         "device": us.device_info(),
         "versions": us.versions(),
+        "git": us.git_info(),
         "loadavg_start": us._loadavg(),
     }
     meta["versions"].pop("torch", None)

@@ -739,6 +739,31 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def git_info() -> dict | None:
+    """The commit the library was measured at, and whether adaptx/ had local changes."""
+    import subprocess
+
+    root = HERE.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "adaptx"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit or None, "adaptx_local_changes": bool(dirty)}
+
+
 def device_info() -> dict:
     dev = jax.devices()[0]
     info = {
@@ -1038,6 +1063,7 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "device": device_info(),
         "versions": versions(),
+        "git": git_info(),
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "c_floor": (
