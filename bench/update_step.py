@@ -1047,6 +1047,11 @@ def main(argv=None) -> dict:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
+        platform_ = jax.devices()[0].platform
+        if platform_ != "cpu" and not (platform_ == "gpu" and torch.cuda.is_available()):
+            # PyTorch on the host CPU against JAX on an accelerator compares nothing.
+            print(f"PyTorch cannot use the {platform_} JAX runs on: PyTorch column skipped")
+            torch = None
     clib = cmod = None
     if "c" in impls and not args.no_c:
         spec = importlib.util.spec_from_file_location("adaptx_bench_c_floor", HERE / "c_floor.py")
