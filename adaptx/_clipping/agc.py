@@ -94,7 +94,9 @@ def adaptive_grad_clip(
         del extra_args
         validate.require_params("adaptive_grad_clip", params)
         tu.check_float_leaves("adaptive_grad_clip", updates)
-        tu.check_same_structure("adaptive_grad_clip", updates, params, "updates", "params")
+        tu.check_same_structure(
+            "adaptive_grad_clip", updates, params, "updates", "params", shapes=True
+        )
 
         def clip(g, p):
             axes = _unit_axes(p.ndim, p.shape, axis)

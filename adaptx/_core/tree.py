@@ -55,8 +55,15 @@ def check_float_leaves(fn: str, tree: Tree, what: str = "updates") -> None:
             )
 
 
-def check_same_structure(fn: str, a: Tree, b: Tree, a_name: str, b_name: str) -> None:
-    """Raises ``ValueError`` naming both structures when two trees differ."""
+def check_same_structure(
+    fn: str, a: Tree, b: Tree, a_name: str, b_name: str, *, shapes: bool = False
+) -> None:
+    """Raises ``ValueError`` naming both structures when two trees differ.
+
+    With ``shapes``, leaves in the same place must also have the same shape (a state
+    that mirrors the parameters); the error names the first leaf that does not.
+    Runs at trace time only.
+    """
     sa = jax.tree.structure(a, is_leaf=lambda x: x is None)
     sb = jax.tree.structure(b, is_leaf=lambda x: x is None)
     if sa != sb:
@@ -65,6 +72,18 @@ def check_same_structure(fn: str, a: Tree, b: Tree, a_name: str, b_name: str) ->
             f"  {a_name}: {sa}\n  {b_name}: {sb}\n"
             "Pass the same tree structure the state was initialised with."
         )
+    if not shapes:
+        return
+    a_leaves = jax.tree_util.tree_flatten_with_path(a, is_leaf=lambda x: x is None)[0]
+    b_leaves = jax.tree.leaves(b, is_leaf=lambda x: x is None)
+    for (path, x), y in zip(a_leaves, b_leaves, strict=True):
+        sx, sy = getattr(x, "shape", None), getattr(y, "shape", None)
+        if sx is not None and sy is not None and tuple(sx) != tuple(sy):
+            raise ValueError(
+                f"{fn}: leaf {_path_str(path)} has shape {tuple(sx)} in the {a_name} tree "
+                f"but {tuple(sy)} in the {b_name} tree. Pass the same shapes the state was "
+                "initialised with (a state restored from another model does not fit)."
+            )
 
 
 def sum_of_squares(tree: Tree) -> jax.Array:
@@ -97,6 +116,22 @@ def scale(tree: Tree, s: jax.Array) -> Tree:
         return (x.astype(acc) * s.astype(acc)).astype(x.dtype)
 
     return jax.tree.map(f, tree)
+
+
+def to_storage(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` cast to a state's storage ``dtype``, saturating instead of overflowing.
+
+    A narrowing cast (float32 arithmetic into a float16 state) turns a value beyond
+    the storage range into ``inf``; an infinite second moment would then freeze its
+    parameter for good (every later step is ``m / inf = 0``). Such values are stored
+    as the dtype's largest finite value instead; NaN stays NaN. A cast to an equal or
+    wider dtype is a plain cast, so float32 states pay nothing.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < x.dtype.itemsize:
+        top = jnp.asarray(float(jnp.finfo(dtype).max), x.dtype)
+        x = jnp.clip(x, -top, top)
+    return x.astype(dtype)
 
 
 def zeros_like(tree: Tree, dtype: Any = None) -> Tree:

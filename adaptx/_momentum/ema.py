@@ -66,7 +66,7 @@ def ema(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves(fn, updates)
-        tu.check_same_structure(fn, updates, state.ema, "updates", "state.ema")
+        tu.check_same_structure(fn, updates, state.ema, "updates", "state.ema", shapes=True)
         count = tu.safe_increment(state.count)
         beta = tu.as_scalar(decay, jnp.float32)
         k = 1.0 / tu.bias_correction(beta, count) if debias else jnp.ones([], jnp.float32)
@@ -75,7 +75,7 @@ def ema(
             acc = tu.compute_dtype(g.dtype, e.dtype)
             b = beta.astype(acc)
             e_ = (1 - b) * g.astype(acc) + b * e.astype(acc)
-            return (e_ * k.astype(acc)).astype(g.dtype), e_.astype(e.dtype)
+            return (e_ * k.astype(acc)).astype(g.dtype), tu.to_storage(e_, e.dtype)
 
         u, avg = tu.unzip(jax.tree.map(leaf, updates, state.ema), updates, 2)
         return u, EmaState(count=count, ema=avg)

@@ -70,7 +70,7 @@ def momentum(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves(fn, updates)
-        tu.check_same_structure(fn, updates, state.trace, "updates", "state.trace")
+        tu.check_same_structure(fn, updates, state.trace, "updates", "state.trace", shapes=True)
         mu = tu.as_scalar(decay, jnp.float32)
 
         def leaf(g, b):
@@ -78,7 +78,7 @@ def momentum(
             g_, m = g.astype(acc), mu.astype(acc)
             b_ = g_ + m * b.astype(acc)
             u = g_ + m * b_ if nesterov else b_
-            return u.astype(g.dtype), b_.astype(b.dtype)
+            return u.astype(g.dtype), tu.to_storage(b_, b.dtype)
 
         u, trace = tu.unzip(jax.tree.map(leaf, updates, state.trace), updates, 2)
         return u, MomentumState(trace=trace)

@@ -8,7 +8,7 @@ from typing import Any
 import optax
 
 from adaptx._core import validate
-from adaptx._recipes.common import check_learning_rate, optional_clip
+from adaptx._recipes.common import add_decayed_weights, check_learning_rate, optional_clip
 from adaptx._scaling.adam import scale_by_adam
 
 
@@ -81,6 +81,6 @@ def adamw(
     return optax.chain(
         optional_clip(max_norm),
         scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov),
-        optax.add_decayed_weights(weight_decay, mask),
+        add_decayed_weights(fn, weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -7,6 +7,7 @@ from typing import Any
 import optax
 
 from adaptx._clipping.global_norm import clip_by_global_norm
+from adaptx._core import tree as tu
 from adaptx._core import validate
 
 
@@ -18,3 +19,20 @@ def check_learning_rate(fn: str, learning_rate: Any) -> None:
 def optional_clip(max_norm: Any) -> optax.GradientTransformation:
     """``clip_by_global_norm(max_norm)``, or the identity when ``max_norm is None``."""
     return optax.identity() if max_norm is None else clip_by_global_norm(max_norm)
+
+
+def add_decayed_weights(fn: str, weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+    """``optax.add_decayed_weights``, with an error naming the mismatch when the params differ.
+
+    Same numbers and the same state as optax's; ``update`` first checks that the
+    ``params`` tree has the structure and shapes of the updates, so a wrong tree is
+    reported as ``fn`` and the offending leaf rather than as a bare tree-map error.
+    """
+    inner = optax.with_extra_args_support(optax.add_decayed_weights(weight_decay, mask))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:
+            tu.check_same_structure(fn, updates, params, "updates", "params", shapes=True)
+        return inner.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)

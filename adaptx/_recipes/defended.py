@@ -10,7 +10,7 @@ import optax
 from adaptx._clipping.zclip import zclip
 from adaptx._core import validate
 from adaptx._guards.guard import guard
-from adaptx._recipes.common import check_learning_rate
+from adaptx._recipes.common import add_decayed_weights, check_learning_rate
 from adaptx._scaling.adam import scale_by_adam
 
 Mask = Any | Callable[[optax.Params], Any] | None
@@ -22,7 +22,7 @@ def _decay_and_step(
     check_learning_rate(fn, learning_rate)
     validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     return [
-        optax.add_decayed_weights(weight_decay, mask),
+        add_decayed_weights(fn, weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     ]
 

@@ -41,7 +41,9 @@ def scale_by_adagrad(
     Args:
       initial_accumulator_value: :math:`G_0 \ge 0`.
       eps: :math:`\epsilon \ge 0`, numerical floor inside the square root.
-      dtype: storage dtype of :math:`G` (default: the parameter's dtype).
+      dtype: storage dtype of :math:`G` (default: the parameter's dtype). A value
+        beyond a float16 state's range is stored as its largest value (65504), not
+        ``inf``; for float16 parameters, ``jnp.float32`` keeps it exact.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -71,7 +73,7 @@ def scale_by_adagrad(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves(fn, updates)
-        tu.check_same_structure(fn, updates, state.sum_of_squares, "updates", "state")
+        tu.check_same_structure(fn, updates, state.sum_of_squares, "updates", "state", shapes=True)
         e = tu.as_scalar(eps, jnp.float32)
 
         def leaf(g, s):
@@ -79,7 +81,7 @@ def scale_by_adagrad(
             g_ = g.astype(acc)
             s_ = s.astype(acc) + g_ * g_
             u = jnp.where(s_ > 0, g_ * jax.lax.rsqrt(s_ + e.astype(acc)), jnp.zeros([], acc))
-            return u.astype(g.dtype), s_.astype(s.dtype)
+            return u.astype(g.dtype), tu.to_storage(s_, s.dtype)
 
         u, sos = tu.unzip(jax.tree.map(leaf, updates, state.sum_of_squares), updates, 2)
         return u, ScaleByAdagradState(sum_of_squares=sos)

@@ -135,7 +135,9 @@ def scale_by_adam(
       eps_root: :math:`\epsilon_{root} \ge 0` added inside the square root (useful
         when differentiating through the update, e.g. meta-learning).
       mu_dtype: storage dtype of :math:`m` (default: the parameter's dtype).
-      nu_dtype: storage dtype of :math:`v` (default: the parameter's dtype).
+      nu_dtype: storage dtype of :math:`v` (default: the parameter's dtype). A value
+        beyond a float16 state's range is stored as its largest value (65504), not
+        ``inf``; for float16 parameters, ``jnp.float32`` keeps it exact.
       nesterov: use Nesterov momentum (NAdam).
       spike_threshold: SPAM's :math:`\theta > 0` (paper default 5000); ``None`` off.
       reset_interval: SPAM's :math:`\Delta T` in steps (paper default 500); ``None`` off.
@@ -217,7 +219,7 @@ def scale_by_adam(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves(fn, updates)
-        tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu")
+        tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu", shapes=True)
         f32 = jnp.float32
         previous = state.count  # steps taken before this one
         count = tu.safe_increment(previous)
@@ -265,7 +267,8 @@ def scale_by_adam(
                 u = u * (1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc)))
             if reset_interval is not None:
                 u = u * warm.astype(acc)
-            return (u.astype(g.dtype), m_.astype(m.dtype), v_.astype(v.dtype), n_spikes, rms)
+            m_, v_ = tu.to_storage(m_, m.dtype), tu.to_storage(v_, v.dtype)
+            return (u.astype(g.dtype), m_, v_, n_spikes, rms)
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         u, mu, nu, spikes, rms = tu.unzip(out, updates, 5)

@@ -54,7 +54,9 @@ def scale_by_rms(
       initial_scale: initial value of :math:`v` (``optax`` default 0; TF1 used 1).
       eps_in_sqrt: put :math:`\epsilon` inside the square root.
       bias_correction: divide by :math:`1-\rho^t`.
-      nu_dtype: storage dtype of :math:`v` (default: the parameter's dtype).
+      nu_dtype: storage dtype of :math:`v` (default: the parameter's dtype). A value
+        beyond a float16 state's range is stored as its largest value (65504), not
+        ``inf``; for float16 parameters, ``jnp.float32`` keeps it exact.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -85,7 +87,7 @@ def scale_by_rms(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves(fn, updates)
-        tu.check_same_structure(fn, updates, state.nu, "updates", "state.nu")
+        tu.check_same_structure(fn, updates, state.nu, "updates", "state.nu", shapes=True)
         f32 = jnp.float32
         count = tu.safe_increment(state.count)
         rho = tu.as_scalar(decay, f32)
@@ -101,7 +103,7 @@ def scale_by_rms(
                 u = g_ * jax.lax.rsqrt(v_hat + e.astype(acc))
             else:
                 u = g_ / (jnp.sqrt(v_hat) + e.astype(acc))
-            return u.astype(g.dtype), v_.astype(v.dtype)
+            return u.astype(g.dtype), tu.to_storage(v_, v.dtype)
 
         u, nu = tu.unzip(jax.tree.map(leaf, updates, state.nu), updates, 2)
         return u, ScaleByRmsState(count=count, nu=nu)
