@@ -154,6 +154,8 @@ def hand_written(pipeline: str):
     """The same math written directly in JAX, one jitted function: the reference."""
 
     def init(params):
+        if pipeline not in ("clip+adamw", "adamw"):
+            return ()  # stateless: no moments to carry through the call
         z = jax.tree.map(jnp.zeros_like, params)
         return (jnp.zeros([], jnp.int32), z, jax.tree.map(jnp.zeros_like, params))
 
@@ -981,7 +983,10 @@ def parse_args(argv=None):
 
 
 def merge(paths: list[str]) -> dict:
-    """Results of several runs as one (meta of the first, plus every run's meta)."""
+    """Results of several runs as one; a later file's cell replaces an earlier one's.
+
+    Lets a re-run of some cells (``--trees``/``--pipelines`` subsets) update a full run.
+    """
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = {"meta": dict(runs[0]["meta"]), "trees": {}, "ceilings": {}, "cells": []}
     out["meta"]["merged_from"] = [
@@ -989,16 +994,32 @@ def merge(paths: list[str]) -> dict:
             "path": str(p),
             "date": r["meta"]["date"],
             "argv": r["meta"]["argv"],
+            "git": r["meta"].get("git"),
             "loadavg_start": r["meta"].get("loadavg_start"),
             "loadavg_end": r["meta"].get("loadavg_end"),
         }
         for p, r in zip(paths, runs, strict=True)
     ]
     out["meta"]["loadavg_end"] = runs[-1]["meta"].get("loadavg_end")
+    cells: dict[tuple, dict] = {}
     for r in runs:
-        out["trees"].update(r["trees"])
-        out["ceilings"].update(r["ceilings"])
-        out["cells"].extend(r["cells"])
+        for name, t in r["trees"].items():
+            out["trees"].setdefault(name, t)
+        for name, c in r["ceilings"].items():
+            out["ceilings"].setdefault(name, c)
+        for c in r["cells"]:
+            cells[(c["tree"], c["pipeline"], c["impl"])] = c
+    order = {k: i for i, k in enumerate(IMPLS)}
+    trees = list(out["trees"])
+    pipelines = list(CORE_PIPELINES + RECIPES)
+    out["cells"] = sorted(
+        cells.values(),
+        key=lambda c: (
+            trees.index(c["tree"]),
+            pipelines.index(c["pipeline"]) if c["pipeline"] in pipelines else 99,
+            order.get(c["impl"], 99),
+        ),
+    )
     return out
 
 
