@@ -290,6 +290,34 @@ def test_zero_gradients_give_finite_outputs_and_zero_updates_on_zero_params(name
         assert finite(u) and finite(state)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adaptx.zclip(warmup_steps=3),
+        lambda: adaptx.guard(optax.sgd(1.0), spike_z=3.0, spike_warmup=3),
+        lambda: adaptx.robust_adamw(1e-2, warmup_steps=3, spike_z=3.0),
+    ],
+    ids=["zclip", "guard_spike_z", "robust_adamw_spike_z"],
+)
+def test_a_warmup_of_zero_gradients_does_not_stall_the_run(make):
+    """All-zero gradients first (frozen layers, a masked-out loss), then normal ones: the
+    normal ones are applied. Zero norms are not recorded in the running statistics;
+    recorded, they would give mean = std = 0, and every later gradient would be a spike,
+    clipped to zero (zclip) or skipped (guard), for the rest of the run."""
+    tx = make()
+    params = {"w": jnp.ones(4)}
+    state = tx.init(params)
+    for _ in range(5):
+        u, state = tx.update({"w": jnp.zeros(4)}, state, params)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        g = {"w": jnp.asarray(1.0 + 0.1 * rng.standard_normal(4), jnp.float32)}
+        u, state = tx.update(g, state, params)
+        assert float(jnp.min(jnp.abs(u["w"]))) > 0
+    figures = adaptx.telemetry(state)
+    assert all(int(v) == 0 for k, v in figures.items() if k.endswith(("skipped", "spike")))
+
+
 # ---------------------------------------------------------------------------------------
 # (d) Empty trees, None and MaskedNode leaves, integer leaves.
 

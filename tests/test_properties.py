@@ -1,7 +1,11 @@
 """Property tests on random trees: the invariants hold for any gradients."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -99,3 +103,133 @@ def test_adam_update_is_bounded_per_element(grads):
     updates, _ = tx.update(grads, tx.init(grads))
     for x in updates.values():
         assert float(jnp.max(jnp.abs(x))) <= 1.0 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# guard is idempotent; adaptive clipping scales lie in (0, 1].
+
+GUARD_SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+GUARD_INNERS = {
+    "adamw": lambda: adaptx.adamw(1e-2),
+    "sgd": lambda: adaptx.sgd(1e-2, momentum=0.9),
+    "zclip_adam": lambda: optax.chain(adaptx.zclip(warmup_steps=2), adaptx.scale_by_adam()),
+}
+small_values = st.floats(-1, 1, width=32)
+
+
+@st.composite
+def gradient_sequences(draw, steps=5, faults=False):
+    """``steps`` trees of fixed shapes, each scaled by its own magnitude (so that spikes
+    occur); with ``faults``, some steps carry a NaN or an infinity."""
+    seq = []
+    for _ in range(steps):
+        scale = draw(st.sampled_from([1e-3, 1.0, 1.0, 1.0, 1e3]))
+        w = draw(hnp.arrays(np.float32, (3, 2), elements=small_values)) * np.float32(scale)
+        b = draw(hnp.arrays(np.float32, (2,), elements=small_values)) * np.float32(scale)
+        if faults:
+            bad = draw(st.sampled_from([None, None, np.nan, np.inf, -np.inf]))
+            if bad is not None:
+                w[draw(st.integers(0, 2)), 0] = bad
+        seq.append({"w": jnp.asarray(w), "b": jnp.asarray(b)})
+    return seq
+
+
+def bitwise_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb, strict=True)
+    )
+
+
+def _run_eagerly(tx, grads, params):
+    state = tx.init(params)
+    outs = []
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        outs.append(u)
+    return outs, state
+
+
+@GUARD_SETTINGS
+@given(st.sampled_from(sorted(GUARD_INNERS)), gradient_sequences())
+def test_guard_on_finite_gradients_is_the_inner_transform(inner, grads):
+    """Finite gradients are never skipped: updates and inner state are bitwise the inner's."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    plain, plain_state = _run_eagerly(GUARD_INNERS[inner](), grads, params)
+    guarded, state = _run_eagerly(adaptx.guard(GUARD_INNERS[inner]()), grads, params)
+    assert bitwise_equal(plain, guarded)
+    assert bitwise_equal(plain_state, state.inner_state)
+    assert int(state.skipped) == 0
+
+
+@GUARD_SETTINGS
+@given(st.sampled_from(sorted(GUARD_INNERS)), gradient_sequences(faults=True), st.booleans())
+def test_guard_of_guard_is_guard(inner, grads, spikes):
+    """Wrapping twice changes nothing: the same updates, the same innermost state, the
+    outer counters equal a single guard's, and the inner guard never sees a bad step."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    kw = {"spike_z": 3.0, "spike_warmup": 2} if spikes else {}
+    once, s1 = _run_eagerly(adaptx.guard(GUARD_INNERS[inner](), **kw), grads, params)
+    twice, s2 = _run_eagerly(
+        adaptx.guard(adaptx.guard(GUARD_INNERS[inner](), **kw), **kw), grads, params
+    )
+    assert bitwise_equal(once, twice)
+    assert bitwise_equal(s1.inner_state, s2.inner_state.inner_state)
+    assert bitwise_equal(s1._replace(inner_state=()), s2._replace(inner_state=()))
+    assert int(s2.inner_state.skipped) == 0
+
+
+SCALE_STEPS = 12
+scale_norms = st.lists(
+    st.one_of(st.just(0.0), st.floats(1e-4, 1e6)), min_size=SCALE_STEPS, max_size=SCALE_STEPS
+)
+SCALE_DIRECTIONS = np.random.default_rng(0).standard_normal((SCALE_STEPS, 6))
+
+
+@functools.cache
+def _jitted(factory, kwargs):
+    tx = factory(**dict(kwargs))
+    return tx, jax.jit(tx.update)
+
+
+def _norm_steps(tx_update, norms):
+    tx, update = tx_update
+    state = tx.init({"w": jnp.zeros(6)})
+    for n, d in zip(norms, SCALE_DIRECTIONS, strict=True):
+        g = {"w": jnp.asarray(d / np.linalg.norm(d) * n, jnp.float32)}
+        updates, state = update(g, state)
+        yield n, g, updates, state
+
+
+@SETTINGS
+@given(
+    scale_norms,
+    st.sampled_from([(), (("mode", "percentile"),), (("clip_option", "mean"),)]),
+)
+def test_zclip_scale_is_in_zero_one_for_any_norms(norms, kwargs):
+    """For a finite nonzero norm the scale is in (0, 1]: a step is clipped, never zeroed,
+    even after a warm-up of all-zero gradients; a zero gradient passes with scale 1."""
+    tx_update = _jitted(adaptx.zclip, (("warmup_steps", 3), *kwargs))
+    for n, _, updates, state in _norm_steps(tx_update, norms):
+        scale = float(state.scale)
+        if n == 0.0:
+            assert scale == 1.0 and float(jnp.max(jnp.abs(updates["w"]))) == 0.0
+        else:
+            assert 0.0 < scale <= 1.0, (n, scale)
+            assert float(jnp.max(jnp.abs(updates["w"]))) > 0.0
+
+
+@SETTINGS
+@given(scale_norms, st.sampled_from([10.0, 50.0, 90.0]))
+def test_autoclip_scale_is_in_zero_one_and_zero_only_after_a_zero_norm(norms, percentile):
+    """The scale is in [0, 1]; it is 0 only when a zero norm (an all-zero gradient, which
+    AutoClip records, as the reference code does) lies in the window, else in (0, 1]."""
+    tx_update = _jitted(adaptx.autoclip, (("percentile", percentile), ("history", 8)))
+    for n, _, _, state in _norm_steps(tx_update, norms):
+        scale = float(state.scale)
+        window = np.asarray(state.norms)[: int(state.filled)]
+        assert 0.0 <= scale <= 1.0
+        if n > 0 and window.min() > 0:
+            assert scale > 0.0, (n, scale, window)

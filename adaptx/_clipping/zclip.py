@@ -36,8 +36,8 @@ class ZClipState(NamedTuple):
     """State of :func:`zclip`.
 
     Attributes:
-      count: number of finite gradient norms seen so far (int32, saturating). The
-        first ``warmup_steps`` of them are the warm-up.
+      count: number of finite, nonzero gradient norms seen so far (int32,
+        saturating). The first ``warmup_steps`` of them are the warm-up.
       mean: EMA mean :math:`\\mu` of the gradient norm (float32). During warm-up,
         the plain mean of the norms seen so far.
       var: EMA variance :math:`\\sigma^2` of the gradient norm (float32). During
@@ -146,6 +146,10 @@ def zclip(
       count towards the warm-up. An ``inf`` norm after warm-up is a spike: scale 0,
       or zero updates with ``skip_on_spike``; NaN gradients pass through. Wrap the
       optimizer in :func:`adaptx.guard` to skip such steps.
+    * So does a zero norm (an all-zero gradient: nothing to clip, passed through).
+      Recorded, a warm-up of zero gradients (frozen layers, a masked-out loss)
+      would give :math:`\mu = \sigma = 0`, and every later gradient would be a
+      spike clipped to zero, for good.
     * The scale is exactly :math:`\min(1, c / n_t)`; the reference code divides by
       :math:`n_t + 10^{-6}`. Statistics are kept in float32.
 
@@ -273,10 +277,10 @@ def zclip(
             skipped = jnp.zeros([], bool)
 
         # Statistics: running population moments during warm-up, then the EMA of
-        # the clipped norm. Non-finite norms are not recorded.
+        # the clipped norm. Non-finite and zero norms are not recorded.
         fed = jnp.where(spike, clip_to, n)
         count, new_mean, new_var = running_stats.record(
-            state.count, mean, var, fed, alpha=a, warmup=n_warm, when=finite
+            state.count, mean, var, fed, alpha=a, warmup=n_warm, when=finite & (n > 0)
         )
 
         clipped = ~skipped & (s < 1)

@@ -76,7 +76,9 @@ def guard(
     ``spike_warmup`` accepted norms, then an exponential moving average
     (:math:`\mu_t = \alpha\mu_{t-1} + (1-\alpha)\|g_t\|`,
     :math:`\sigma_t^2 = \alpha\sigma_{t-1}^2 + (1-\alpha)(\|g_t\| - \mu_t)^2`) of
-    accepted norms. No spike is declared during the warm-up.
+    accepted norms. No spike is declared during the warm-up. A zero norm (an
+    all-zero gradient) is applied but not recorded: a warm-up of zeros would give
+    :math:`\mu = \sigma = 0`, and every later gradient would be skipped as a spike.
 
     A skipped step returns zero updates and leaves the inner state bit-identical
     (no moment decay, no count increment), so parameters are untouched by
@@ -197,7 +199,7 @@ def guard(
             norm,
             alpha=spike_alpha,
             warmup=spike_warmup,
-            when=finite & ~(spike & ~forced),
+            when=finite & (norm > 0) & ~(spike & ~forced),
         )
         reason = jnp.where(nonfinite, NONFINITE, jnp.where(skip, SPIKE, OK)).astype(jnp.int32)
         return out, GuardState(
