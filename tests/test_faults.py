@@ -222,7 +222,9 @@ MAGNITUDES = {
 )
 def test_low_precision_norms_are_correct_and_nothing_overflows(name, dtype, size):
     """Norms equal the float64 norm of the stored values; updates and state stay finite
-    for 2 steps; the first step is the float32 computation rounded to the dtype."""
+    for 2 steps; the first step is the float32 computation up to a few roundings to the
+    dtype (adaptx rounds once; a recipe's optax weight decay and learning rate round
+    again, in the dtype)."""
     magnitude = MAGNITUDES[(dtype, size)]
     # 136 elements: at 1e4 the float16 norm (about 1.2e5) is beyond float16's range.
     params = small_params(dtype)
@@ -251,11 +253,12 @@ def test_low_precision_norms_are_correct_and_nothing_overflows(name, dtype, size
     ref, _ = tx32.update(up(first_grads), tx32.init(up(params)), up(params))
     info = jnp.finfo(dtype)
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(ref), strict=True):
+        b = np.asarray(b, np.float64)
         np.testing.assert_allclose(
             np.asarray(a, np.float64),
-            np.asarray(b, np.float64),
-            rtol=2 * float(info.eps),
-            atol=float(info.smallest_subnormal),
+            b,
+            rtol=4 * float(info.eps),
+            atol=max(float(info.eps) * float(np.abs(b).max()), float(info.smallest_subnormal)),
         )
 
 
