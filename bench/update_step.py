@@ -1161,11 +1161,16 @@ def main(argv=None) -> dict:
             for c in cells:
                 print("  " + format_line(c))
             sys.stdout.flush()
+            # Partial results after every cell, so a long run that is stopped keeps them.
+            partial = Path(args.out).with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(results, indent=1, default=_json_default))
         del np_params, np_grads, g_dev
         gc.collect()
     meta["loadavg_end"] = _loadavg()
     out = Path(args.out)
     md = write(results, out)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print("\n" + md)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return results
