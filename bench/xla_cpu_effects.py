@@ -17,6 +17,9 @@ rounds, medians with min/max) and prints the kernels' traffic from the optimized
 * ``norm``: the sum of squares of one large leaf as ``jnp.sum(x * x)`` (what optax and
   adaptx do), as ``jnp.vdot(x, x)`` and as row sums of a 2-D view; XLA:CPU runs the
   first as one (YNNPACK) reduction kernel.
+* ``buffers``: ``p - lr * g`` on many small leaves, alone and with two more donated
+  trees of the same shape passed through untouched (the moments of a per-leaf Adam
+  state): what each argument buffer costs per call.
 * ``compile``: compile time on many small leaves of ``p - lr * g`` (the floor), of the
   same plus a global-norm clip with the norm summed leaf by leaf (as optax and adaptx
   do), and with the norm taken over one concatenation of the leaves.
@@ -25,7 +28,7 @@ rounds, medians with min/max) and prints the kernels' traffic from the optimized
     python bench/xla_cpu_effects.py --experiments compile --leaves 2000
 
 >>> sorted(EXPERIMENTS)
-['compile', 'guard', 'norm', 'rms', 'temporaries']
+['buffers', 'compile', 'guard', 'norm', 'rms', 'temporaries']
 """
 
 from __future__ import annotations
@@ -114,6 +117,34 @@ def norms(n: int, reps: int) -> dict:
         "times": times,
         "relative_diff": {k: abs(float(v) - ref) / ref for k, v in states.items()},
     }
+
+
+def buffers(leaves: int, reps: int, size: int = 500) -> dict:
+    params = [jnp.ones((size,)) for _ in range(leaves)]
+    grads = [jnp.ones((size,)) for _ in range(leaves)]
+
+    def floor(state, g):
+        p, extra = state
+        return [a - LR * b for a, b in zip(p, g, strict=True)], extra
+
+    fn = jax.jit(floor, donate_argnums=0)
+    variants = {
+        f"{leaves} params + {leaves} grads": (
+            (lambda s: fn(s, grads)),
+            ([jnp.array(x) for x in params], ()),
+        ),
+        f"... + {2 * leaves} donated pass-through": (
+            (lambda s: fn(s, grads)),
+            (
+                [jnp.array(x) for x in params],
+                ([jnp.zeros_like(x) for x in params], [jnp.zeros_like(x) for x in params]),
+            ),
+        ),
+    }
+    for _, (f, st) in variants.items():
+        jax.block_until_ready(f(jax.tree.map(jnp.array, st)))  # compile outside the clock
+    times, _ = _race(variants, reps)
+    return {"leaves": leaves, "size": size, "times": times}
 
 
 def _rms_step(mode: str):
@@ -225,6 +256,7 @@ EXPERIMENTS = {
         a.reps,
     ),
     "norm": lambda a: norms(a.size, a.reps),
+    "buffers": lambda a: buffers(a.leaves, a.reps),
     "compile": lambda a: compile_times(a.leaves),
 }
 
