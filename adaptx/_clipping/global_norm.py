@@ -93,7 +93,9 @@ def clip_by_global_norm(
         del params, extra_args
         tu.check_float_leaves("clip_by_global_norm", updates)
         norm = tu.global_norm(updates, axis_name)
-        s = clip_scale(norm, max_norm)
+        # max_norm = 0 zeroes every gradient, even one whose squares underflow float32
+        # (|g| below about 1e-19) and whose computed norm is therefore 0.
+        s = jnp.where(tu.as_scalar(max_norm, norm.dtype) > 0, clip_scale(norm, max_norm), 0.0)
         new_state = ClipByGlobalNormState(
             grad_norm=norm.astype(state.grad_norm.dtype), scale=s.astype(state.scale.dtype)
         )
