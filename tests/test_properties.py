@@ -92,7 +92,8 @@ def test_low_precision_norm_matches_float64(grads, dtype):
     _, state = tx.update(low, tx.init(low))
     expected = np_norm(low)
     assert np.isfinite(float(state.grad_norm))
-    np.testing.assert_allclose(float(state.grad_norm), expected, rtol=1e-5)
+    # bf16 shares float32's exponent range: squares of norms under ~1e-19 flush to zero.
+    np.testing.assert_allclose(float(state.grad_norm), expected, rtol=1e-5, atol=1e-18)
 
 
 @SETTINGS
