@@ -44,7 +44,7 @@ def synthetic_examples(n: int, seed: int = 0) -> list[data.Example]:
 def tiny_config(tmp_path, **kw) -> train.Config:
     defaults = dict(embed_dim=16, hidden_dim=16, max_len=16, batch_size=16, epochs=3,
                     lr=1e-2, warmup_steps=5, bigrams=0, min_count=1, buckets=1, dropout=0.0,
-                    embed_dropout=0.0,
+                    embed_dropout=0.0, ema=0.9,
                     out=str(tmp_path), name="tiny", progress=False)
     defaults.update(kw)
     return train.Config(**defaults)
@@ -206,13 +206,15 @@ def test_injected_nan_is_skipped_by_a_guarded_optimizer(tmp_path):
 
 
 def test_compare_summary_flags_divergence_and_spikes():
-    ok = {"loss": 0.5, "params_finite": True, "update_norm": 0.1, "zclip/scale": 1.0,
-          "zclip/spike": 0}
-    hist = [dict(ok, step=0), dict(ok, step=1, **{"zclip/scale": 0.01, "zclip/spike": 1}),
-            dict(ok, step=2, loss=math.nan, params_finite=False, update_norm=math.nan)]
+    ok = {"loss": 0.5, "params_finite": True, "update_norm": 0.1, "grad_norm": 1.0,
+          "zclip/scale": 1.0, "zclip/spike": 0}
+    hist = [dict(ok, step=0),
+            dict(ok, step=1, grad_norm=7.0, **{"zclip/scale": 0.01, "zclip/spike": 1}),
+            dict(ok, step=2, loss=math.nan, params_finite=False, update_norm=math.nan,
+                 grad_norm=math.nan)]
     row = compare.summarize({"history": hist, "params_finite": False, "test_accuracy": 0.5})
-    assert row == {"test_acc": 0.5, "nonfinite_step": 2, "clipped": 1, "spikes": 1,
-                   "skipped": 0, "outcome": "diverged"}
+    assert row == {"test_acc": 0.5, "nonfinite_step": 2, "max_grad_norm": 7.0, "clipped": 1,
+                   "spikes": 1, "skipped": 0, "outcome": "diverged"}
     hist = [dict(ok, step=0, update_norm=0.0)]
     row = compare.summarize({"history": hist, "params_finite": True, "test_accuracy": 0.55})
     assert row["outcome"] == "not learning" and row["skipped"] == 1
@@ -227,7 +229,8 @@ import jax, train, test_text_classifier as t
 assert jax.local_device_count() == 2, jax.devices()
 r = train.train(t.tiny_config({tmp!r}), dataset=t.tiny_dataset(), max_steps=6,
                 write_files=False, log=lambda *_: None, validate=False)
-print(json.dumps([row["loss"] for row in r["history"]] + [r["devices"]]))
+print(json.dumps({{"devices": r["devices"], "loss": [row["loss"] for row in r["history"]],
+                  "grad_norm": [row["grad_norm"] for row in r["history"]]}}))
 """
 
 
@@ -238,12 +241,14 @@ def test_data_parallel_matches_single_device(tiny_run, tmp_path):
         [sys.executable, "-c", DP_SCRIPT.format(here=str(HERE), tmp=str(tmp_path))],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    *losses_2dev, devices = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert devices == 2
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert two["devices"] == 2
     _, _, single = tiny_run
     assert single["devices"] == 1
-    losses_1dev = [r["loss"] for r in single["history"][:6]]
-    # Same numbers up to float summation order; Adam amplifies those differences in
-    # near-zero gradient entries a little from the second update on.
-    np.testing.assert_allclose(losses_1dev[:2], losses_2dev[:2], rtol=1e-5)
-    np.testing.assert_allclose(losses_1dev, losses_2dev, rtol=1e-2)
+    one = {k: [r[k] for r in single["history"][:6]] for k in ("loss", "grad_norm")}
+    # The first step sees identical parameters: same loss and gradient up to float summation
+    # order. Afterwards Adam's sign-like first updates amplify those tiny differences in
+    # near-zero gradient entries, so later steps agree only approximately.
+    np.testing.assert_allclose(one["loss"][0], two["loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(one["grad_norm"][0], two["grad_norm"][0], rtol=1e-4)
+    np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-2)

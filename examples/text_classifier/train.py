@@ -72,8 +72,9 @@ class Config:
     max_norm: float = 1.0
     batch_size: int = 64
     buckets: int = 3  # batch examples of similar length; compile this many sequence lengths
-    epochs: int = 8
-    patience: int = 3  # early stopping: epochs without validation improvement
+    epochs: int = 6
+    ema: float = 0.99  # > 0: evaluate and save an exponential moving average of the weights
+    patience: int = 2  # early stopping: epochs without validation improvement
     seed: int = 0
     split_seed: int = 0  # fixed train/val/test split, independent of --seed
     out: str = "runs/text_classifier"
@@ -120,9 +121,12 @@ def build_model(config: Config, vocab_size: int, num_classes: int, bigram_vocab_
 
 def learning_rate(config: Config, total_steps: int) -> optax.Schedule:
     """Linear warm-up, then cosine decay to 10% over the planned number of steps."""
+    warmup = min(config.warmup_steps, total_steps // 2)
+    if warmup == 0:
+        return optax.cosine_decay_schedule(config.lr, max(total_steps, 1), alpha=0.1)
+    # Warm-up starts at lr / warmup, not 0, so that no step is a zero update.
     return optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, min(config.warmup_steps, max(total_steps // 2, 1)),
-        max(total_steps, 2), end_value=0.1 * config.lr)
+        config.lr / warmup, config.lr, warmup, max(total_steps, 2), end_value=0.1 * config.lr)
 
 
 def decay_mask(params, embeddings: bool = False):
@@ -192,12 +196,14 @@ def _loss(model, tokens, labels, weights, deterministic):
 # run whose model and optimizer have the same structure (compare.py, the tests).
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
-def train_step(model_def, opt_def, model_state, opt_state, tokens, labels, weights, grad_scale):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
+def train_step(model_def, opt_def, model_state, opt_state, ema, tokens, labels, weights,
+               grad_scale, ema_decay):
     """One optimizer step on a batch; donates (reuses the memory of) the incoming state.
 
     ``grad_scale`` multiplies the gradients before the optimizer sees them: 1.0 in normal
-    training, a large number or NaN for scripted fault injection (``compare.py``).
+    training, a large number or NaN for scripted fault injection (``compare.py``). ``ema``
+    (parameters only, or None) is moved towards the new parameters by ``1 - ema_decay``.
     """
     model = nnx.merge(model_def, model_state)
     optimizer = nnx.merge(opt_def, opt_state)
@@ -205,29 +211,35 @@ def train_step(model_def, opt_def, model_state, opt_state, tokens, labels, weigh
         model, tokens, labels, weights, False)
     grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
     updates = optimizer.update(model, grads)
+    params = nnx.state(model, nnx.Param)
+    if ema is not None:
+        ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
     metrics = {
         "loss": loss,
         "accuracy": acc,
         "grad_norm": global_norm(grads),  # what the optimizer received, before clipping
         "update_norm": global_norm(updates),
-        "params_finite": all_finite(nnx.state(model, nnx.Param)),
+        "params_finite": all_finite(params),
         **adaptx.telemetry(optimizer),
     }
-    return nnx.state(model), nnx.state(optimizer), metrics
+    return nnx.state(model), nnx.state(optimizer), ema, metrics
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def eval_step(model_def, model_state, tokens, labels, weights):
+def eval_step(model_def, model_state, ema, tokens, labels, weights):
     model = nnx.merge(model_def, model_state)
+    if ema is not None:
+        nnx.update(model, ema)
     loss, acc = _loss(model, tokens, labels, weights, True)
     n = weights.sum()
     return {"loss_sum": loss * n, "correct": acc * n, "count": n}
 
 
-def evaluate(model_def, model_state, split: data_lib.Split, batch_size: int, shard) -> dict:
+def evaluate(model_def, model_state, ema, split: data_lib.Split, batch_size: int, shard
+             ) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for tokens, labels, weights in data_lib.batches(split, batch_size):
-        out = eval_step(model_def, model_state,
+        out = eval_step(model_def, model_state, ema,
                         *jax.device_put((tokens, labels, weights), shard))
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
@@ -403,7 +415,10 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
     replicated, sharded = data_parallel(batch_size)
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(optimizer)
-    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
+    ema = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if config.ema > 0 else None
+    # (copies: a buffer must not appear twice among the donated arguments)
+    model_state, opt_state, ema = jax.tree.map(
+        jnp.copy, jax.device_put((model_state, opt_state, ema), replicated))
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     log(f"{dataset.source}: {len(dataset.train)} train / {len(dataset.val)} val / "
@@ -452,8 +467,11 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
                     break
                 scale = np.float32(grad_scale(step) if grad_scale else 1.0)
                 tokens, labels, weights = jax.device_put((tokens, labels, weights), sharded)
-                model_state, opt_state, metrics = train_step(
-                    model_def, opt_def, model_state, opt_state, tokens, labels, weights, scale)
+                # Warm-up of the average: 1/2, 2/3, ... until it reaches config.ema.
+                decay = np.float32(min(config.ema, (1 + step) / (2 + step)))
+                model_state, opt_state, ema, metrics = train_step(
+                    model_def, opt_def, model_state, opt_state, ema, tokens, labels, weights,
+                    scale, decay)
                 pending.append((step, metrics))
                 step += 1
                 if len(pending) >= 10:
@@ -461,7 +479,7 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
             flush()
             if not validate:
                 continue
-            val = evaluate(model_def, model_state, dataset.val, batch_size, sharded)
+            val = evaluate(model_def, model_state, ema, dataset.val, batch_size, sharded)
             recent = history[-steps_per_epoch:]
             row = {"epoch": epoch, "step": step,
                    "train_loss": float(np.mean([r["loss"] for r in recent])),
@@ -478,7 +496,7 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
                 f"{val['accuracy']:.3f}{' (best)' if improved else ''} [{row['seconds']:.0f}s]")
             if improved:
                 best.update(accuracy=val["accuracy"], epoch=epoch,
-                            state=jax.device_get(model_state))
+                            state=jax.device_get((model_state, ema)))
             elif early_stopping and epoch - best["epoch"] >= config.patience:
                 say(f"early stopping: no validation improvement for {config.patience} epochs")
                 break
@@ -489,10 +507,12 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
 
     params_finite = bool(all_finite(nnx.state(nnx.merge(model_def, model_state), nnx.Param)))
     if early_stopping and best["state"] is not None:
-        model_state = jax.device_put(best["state"], replicated)
-    test = evaluate(model_def, model_state, dataset.test, batch_size, sharded)
-    val = evaluate(model_def, model_state, dataset.val, batch_size, sharded)
+        model_state, ema = jax.device_put(best["state"], replicated)
+    test = evaluate(model_def, model_state, ema, dataset.test, batch_size, sharded)
+    val = evaluate(model_def, model_state, ema, dataset.val, batch_size, sharded)
     model = nnx.merge(model_def, jax.device_get(model_state))
+    if ema is not None:
+        nnx.update(model, jax.device_get(ema))
     results = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": val["accuracy"], "best_epoch": best["epoch"], "steps": step,
