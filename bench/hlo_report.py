@@ -54,8 +54,22 @@ def _bytes(type_text: str) -> int:
     return total
 
 
+def _computations(hlo: str) -> dict[str, str]:
+    """Fused computation name -> its body text."""
+    out = {}
+    for m in re.finditer(r"^%([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo, re.S | re.M):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
 def kernel_rows(hlo: str) -> list[dict]:
-    """One row per ENTRY instruction that runs as a kernel, with its operand/output bytes."""
+    """One row per ENTRY instruction that runs as a kernel, with its operand/output bytes.
+
+    An operand is counted in full, except in a kernel that slices (``slice``,
+    ``dynamic-slice``): there an operand larger than the kernel's output is counted as
+    the output's size, since only a slice of it is read.
+    """
+    bodies = _computations(hlo)
     start = hlo.find("ENTRY")
     body = hlo[start:]
     body = body[: body.find("\n}") + 1] if "\n}" in body else body
@@ -71,8 +85,14 @@ def kernel_rows(hlo: str) -> list[dict]:
         if op in free:
             continue
         names = re.findall(r"%([\w.\-]+)", operands)
-        in_bytes = sum(_bytes(shapes.get(n, "")) for n in names)
         calls = re.search(r"calls=%([\w.\-]+)", rest)
+        body = bodies.get(calls.group(1), "") if calls else ""
+        slicing = op in ("slice", "dynamic-slice") or " slice(" in body or "dynamic-slice(" in body
+        out_bytes = _bytes(out_type)
+        in_bytes = sum(
+            min(_bytes(shapes.get(n, "")), out_bytes) if slicing else _bytes(shapes.get(n, ""))
+            for n in names
+        )
         rows.append(
             {
                 "name": name,
@@ -81,7 +101,7 @@ def kernel_rows(hlo: str) -> list[dict]:
                 "calls": calls.group(1) if calls else "",
                 "out_type": out_type,
                 "in_bytes": in_bytes,
-                "out_bytes": _bytes(out_type),
+                "out_bytes": out_bytes,
                 "operands": len(names),
             }
         )
