@@ -905,7 +905,7 @@ def bench_cell(kind, shapes, np_params, np_grads, g_dev, pipeline, args, ctx) ->
                 "ceiling_ratio_range": [min(ratios), max(ratios)],
                 "ceiling_in_cell": cs,
             }
-            for ref in ("optax", "c", "adaptx-base"):
+            for ref in ("optax", "c", "adaptx-base", "adaptx-adamw"):
                 if ref != v.impl and all(ref in r for r in rounds):
                     ratios = [r[v.impl] / r[ref] for r in rounds]
                     info[f"vs_{ref}"] = {
