@@ -3,8 +3,9 @@
 Each experiment compares formulations of the same math inside one run (interleaved
 rounds, medians with min/max) and prints the kernels' traffic from the optimized HLO:
 
-* ``temporaries``: one 64 MB elementwise pass written in place into a donated buffer,
-  into a fresh output buffer, and in place but through a materialised temporary. On
+* ``temporaries``: one elementwise pass over 16M float32 written in place into a donated
+  buffer, into a fresh output buffer, and in place but through a temporary that a
+  reduction also reads (XLA materialises it, and here also copies the input). On
   XLA:CPU a full-size buffer that is not a donated output is allocated (and its pages
   faulted in) on every call, which costs far more than the pass itself.
 * ``rms``: StableAdamW's per-tensor RMS ``mean(g^2 / max(k2 * v, eps^2))`` (``k2`` the
@@ -88,10 +89,15 @@ def temporaries(n: int, reps: int) -> dict:
     fresh = jax.jit(lambda x: x * 0.999 + 0.001)
 
     def through_temp(x):
-        t = jax.lax.optimization_barrier(x * 0.999 + 0.001)  # forces t to exist in memory
-        return x + 1e-3 * t
+        # t feeds both the in-place update and a reduction, so XLA writes it to memory.
+        t = x * 0.999 + 0.001
+        return x + 1e-3 * t, jnp.sum(t)
 
-    temp = jax.jit(through_temp, donate_argnums=0)
+    temp_fn = jax.jit(through_temp, donate_argnums=0)
+
+    def temp(x):
+        return temp_fn(x)[0]
+
     y = jnp.ones(n)
     variants = {
         "in place (donated)": (inplace, jnp.ones(n)),
