@@ -991,7 +991,7 @@ def merge(paths: list[str]) -> dict:
     out = {"meta": dict(runs[0]["meta"]), "trees": {}, "ceilings": {}, "cells": []}
     out["meta"]["merged_from"] = [
         {
-            "path": str(p),
+            "path": Path(p).name,
             "date": r["meta"]["date"],
             "argv": r["meta"]["argv"],
             "git": r["meta"].get("git"),
