@@ -231,3 +231,14 @@ def test_inside_nnx_optimizer(name):
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
     assert any(jax.tree.leaves(moved))
     assert all(v.shape == () for v in figures.values())
+
+
+@names
+def test_fresh_state_can_be_donated(name):
+    # Every state array is its own buffer: jit(..., donate_argnums) accepts a fresh state
+    # (as nnx.Optimizer train steps with donation do on their first call).
+    state = make(name).init(params_tree())
+    ids = [id(x) for x in jax.tree.leaves(state)]
+    assert len(ids) == len(set(ids))
+    out = jax.jit(lambda s: s, donate_argnums=0)(state)
+    assert jax.tree.structure(out) == jax.tree.structure(state)

@@ -218,19 +218,17 @@ def zclip(
 
     def init_fn(params):
         del params
-        zero = jnp.zeros([], jnp.float32)
-        izero = jnp.zeros([], jnp.int32)
         return ZClipState(
-            count=izero,
-            mean=zero,
-            var=zero,
-            grad_norm=zero,
-            threshold=zero,
+            count=jnp.zeros([], jnp.int32),
+            mean=jnp.zeros([], jnp.float32),
+            var=jnp.zeros([], jnp.float32),
+            grad_norm=jnp.zeros([], jnp.float32),
+            threshold=jnp.zeros([], jnp.float32),
             scale=jnp.ones([], jnp.float32),
-            z=zero,
-            spike=izero,
-            num_clipped=izero,
-            num_skipped=izero,
+            z=jnp.zeros([], jnp.float32),
+            spike=jnp.zeros([], jnp.int32),
+            num_clipped=jnp.zeros([], jnp.int32),
+            num_skipped=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -154,17 +154,16 @@ def guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        zero, izero = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
         return GuardState(
             inner_state=inner.init(params),
-            count=izero,
-            grad_norm=zero,
-            skipped=izero,
-            consecutive=izero,
-            last_reason=izero,
-            forced=izero,
-            norm_mean=zero,
-            norm_var=zero,
+            count=jnp.zeros([], jnp.int32),
+            grad_norm=jnp.zeros([], jnp.float32),
+            skipped=jnp.zeros([], jnp.int32),
+            consecutive=jnp.zeros([], jnp.int32),
+            last_reason=jnp.zeros([], jnp.int32),
+            forced=jnp.zeros([], jnp.int32),
+            norm_mean=jnp.zeros([], jnp.float32),
+            norm_var=jnp.zeros([], jnp.float32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
