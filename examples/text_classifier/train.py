@@ -27,6 +27,7 @@ from pathlib import Path
 # Make the sibling modules importable however this file is run (script, -m, pytest).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import data as data_lib  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,10 +35,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from model import BagOfEmbeddings, TextClassifier  # noqa: E402
 
 import adaptx  # noqa: E402
-import data as data_lib  # noqa: E402
-from model import BagOfEmbeddings, TextClassifier  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -91,8 +91,9 @@ class Config:
 
 def parse_args(argv=None, defaults: Config | None = None) -> Config:
     defaults = defaults or Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
@@ -108,15 +109,25 @@ def parse_args(argv=None, defaults: Config | None = None) -> Config:
 # Model, optimizer, sharding
 
 
-def build_model(config: Config, vocab_size: int, num_classes: int, bigram_vocab_size: int = 0
-                ) -> TextClassifier:
+def build_model(
+    config: Config, vocab_size: int, num_classes: int, bigram_vocab_size: int = 0
+) -> TextClassifier:
     return TextClassifier(
-        vocab_size, num_classes, encoder=config.encoder, embed_dim=config.embed_dim,
-        hidden_dim=config.hidden_dim, max_len=config.max_len, layers=config.layers,
-        embed_dropout=config.embed_dropout, dropout=config.dropout,
-        word_dropout=config.word_dropout, embed_init_std=config.embed_init_std,
-        recurrent_scale=config.recurrent_scale, bigram_vocab_size=bigram_vocab_size,
-        rngs=nnx.Rngs(config.seed))
+        vocab_size,
+        num_classes,
+        encoder=config.encoder,
+        embed_dim=config.embed_dim,
+        hidden_dim=config.hidden_dim,
+        max_len=config.max_len,
+        layers=config.layers,
+        embed_dropout=config.embed_dropout,
+        dropout=config.dropout,
+        word_dropout=config.word_dropout,
+        embed_init_std=config.embed_init_std,
+        recurrent_scale=config.recurrent_scale,
+        bigram_vocab_size=bigram_vocab_size,
+        rngs=nnx.Rngs(config.seed),
+    )
 
 
 def learning_rate(config: Config, total_steps: int) -> optax.Schedule:
@@ -126,22 +137,25 @@ def learning_rate(config: Config, total_steps: int) -> optax.Schedule:
         return optax.cosine_decay_schedule(config.lr, max(total_steps, 1), alpha=0.1)
     # Warm-up starts at lr / warmup, not 0, so that no step is a zero update.
     return optax.warmup_cosine_decay_schedule(
-        config.lr / warmup, config.lr, warmup, max(total_steps, 2), end_value=0.1 * config.lr)
+        config.lr / warmup, config.lr, warmup, max(total_steps, 2), end_value=0.1 * config.lr
+    )
 
 
 def decay_mask(params, embeddings: bool = False):
     """Weight decay on matrices only (not biases or layer norms; embeddings optionally)."""
     return jax.tree.map_with_path(
         lambda path, p: p.ndim >= 2 and (embeddings or "embed" not in jax.tree_util.keystr(path)),
-        params)
+        params,
+    )
 
 
 def make_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
     lr = learning_rate(config, total_steps)
     mask = functools.partial(decay_mask, embeddings=config.decay_embeddings)
     if config.optimizer == "adamw":
-        return adaptx.adamw(lr, weight_decay=config.weight_decay, max_norm=config.max_norm,
-                            mask=mask)
+        return adaptx.adamw(
+            lr, weight_decay=config.weight_decay, max_norm=config.max_norm, mask=mask
+        )
     if config.optimizer == "robust_adamw":
         return adaptx.robust_adamw(lr, weight_decay=config.weight_decay, mask=mask)
     if config.optimizer == "sgd":
@@ -165,8 +179,9 @@ def data_parallel(batch_size: int):
     """Shardings for data parallelism over all local devices (a no-op with one device)."""
     devices = jax.local_devices()
     if batch_size % len(devices):
-        raise ValueError(f"batch size {batch_size} must be a multiple of the "
-                         f"{len(devices)} local devices")
+        raise ValueError(
+            f"batch size {batch_size} must be a multiple of the {len(devices)} local devices"
+        )
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
@@ -197,8 +212,9 @@ def _loss(model, tokens, labels, weights, deterministic):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
-def train_step(model_def, opt_def, model_state, opt_state, ema, tokens, labels, weights,
-               grad_scale, ema_decay):
+def train_step(
+    model_def, opt_def, model_state, opt_state, ema, tokens, labels, weights, grad_scale, ema_decay
+):
     """One optimizer step on a batch; donates (reuses the memory of) the incoming state.
 
     ``grad_scale`` multiplies the gradients before the optimizer sees them: 1.0 in normal
@@ -208,7 +224,8 @@ def train_step(model_def, opt_def, model_state, opt_state, ema, tokens, labels, 
     model = nnx.merge(model_def, model_state)
     optimizer = nnx.merge(opt_def, opt_state)
     (loss, acc), grads = nnx.value_and_grad(_loss, has_aux=True)(
-        model, tokens, labels, weights, False)
+        model, tokens, labels, weights, False
+    )
     grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
     updates = optimizer.update(model, grads)
     params = nnx.state(model, nnx.Param)
@@ -235,20 +252,24 @@ def eval_step(model_def, model_state, ema, tokens, labels, weights):
     return {"loss_sum": loss * n, "correct": acc * n, "count": n}
 
 
-def evaluate(model_def, model_state, ema, split: data_lib.Split, batch_size: int, shard
-             ) -> dict:
+def evaluate(model_def, model_state, ema, split: data_lib.Split, batch_size: int, shard) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for tokens, labels, weights in data_lib.batches(split, batch_size):
-        out = eval_step(model_def, model_state, ema,
-                        *jax.device_put((tokens, labels, weights), shard))
+        out = eval_step(
+            model_def, model_state, ema, *jax.device_put((tokens, labels, weights), shard)
+        )
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
     n = max(totals["count"], 1.0)
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n}
 
 
-def pretrain(model: TextClassifier, dataset: data_lib.TextData, config: Config,
-             log: Callable[[str], None] = print) -> dict:
+def pretrain(
+    model: TextClassifier,
+    dataset: data_lib.TextData,
+    config: Config,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fits :class:`BagOfEmbeddings` on IMDB sentiment and copies its embeddings into ``model``.
 
     Transfer from a second, larger labelled source of movie reviews: rare Rotten Tomatoes
@@ -257,9 +278,14 @@ def pretrain(model: TextClassifier, dataset: data_lib.TextData, config: Config,
     """
     t0 = time.perf_counter()
     corpus = data_lib.pretraining_corpus(dataset.encoder, config.pretrain_len)
-    bag = BagOfEmbeddings(len(dataset.encoder.vocab), 2, embed_dim=config.embed_dim,
-                          bigram_vocab_size=_bigram_size(dataset.encoder),
-                          embed_init_std=config.embed_init_std, rngs=nnx.Rngs(config.seed))
+    bag = BagOfEmbeddings(
+        len(dataset.encoder.vocab),
+        2,
+        embed_dim=config.embed_dim,
+        bigram_vocab_size=_bigram_size(dataset.encoder),
+        embed_init_std=config.embed_init_std,
+        rngs=nnx.Rngs(config.seed),
+    )
     optimizer = nnx.Optimizer(bag, adaptx.adamw(1e-2, weight_decay=0.0), wrt=nnx.Param)
     graphdef, state = nnx.split((bag, optimizer))
     batch_size = 128
@@ -289,11 +315,16 @@ def pretrain(model: TextClassifier, dataset: data_lib.TextData, config: Config,
     model.embed.embedding[...] = bag.embed.embedding[...]
     if model.bigram_embed is not None:
         model.bigram_embed.embedding[...] = bag.bigram_embed.embedding[...]
-    last = float(np.mean(jax.device_get(accs[-len(accs) // max(config.pretrain_epochs, 1):])))
-    info = {"pretrain_reviews": len(corpus), "pretrain_train_accuracy": last,
-            "pretrain_seconds": time.perf_counter() - t0}
-    log(f"pretrained embeddings on {len(corpus)} IMDB reviews: training accuracy {last:.3f} "
-        f"in the last epoch ({info['pretrain_seconds']:.0f}s)")
+    last = float(np.mean(jax.device_get(accs[-len(accs) // max(config.pretrain_epochs, 1) :])))
+    info = {
+        "pretrain_reviews": len(corpus),
+        "pretrain_train_accuracy": last,
+        "pretrain_seconds": time.perf_counter() - t0,
+    }
+    log(
+        f"pretrained embeddings on {len(corpus)} IMDB reviews: training accuracy {last:.3f} "
+        f"in the last epoch ({info['pretrain_seconds']:.0f}s)"
+    )
     return info
 
 
@@ -320,8 +351,9 @@ def load_checkpoint(run_dir: str | Path) -> tuple[TextClassifier, data_lib.Encod
     config = Config(**json.loads((run_dir / "config.json").read_text()))
     enc_info = json.loads((run_dir / "encoder.json").read_text())
     encoder = data_lib.Encoder.from_json(enc_info)
-    build = functools.partial(build_model, config, len(encoder.vocab),
-                              len(enc_info["class_names"]), _bigram_size(encoder))
+    build = functools.partial(
+        build_model, config, len(encoder.vocab), len(enc_info["class_names"]), _bigram_size(encoder)
+    )
     model_def, abstract, abstract_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(run_dir / "checkpoint", abstract)
@@ -362,8 +394,9 @@ def _progress(total: int, enabled: bool, desc: str):
 
     # disable=None turns the bar off when stderr is not a terminal (CI logs get the
     # one-line-per-epoch summaries instead).
-    return tqdm(total=total, desc=desc, disable=None if enabled else True,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, desc=desc, disable=None if enabled else True, dynamic_ncols=True, leave=False
+    )
 
 
 def _scalars(d: dict) -> dict:
@@ -372,15 +405,23 @@ def _scalars(d: dict) -> dict:
 
 def _json_line(d: dict) -> str:
     # Strict JSON has no NaN/Infinity: write those as the strings "nan", "inf", "-inf".
-    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else str(v)
-                       for k, v in d.items()})
+    return json.dumps(
+        {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in d.items()}
+    )
 
 
-def train(config: Config, *, dataset: data_lib.TextData | None = None,
-          tx: optax.GradientTransformation | None = None, max_steps: int | None = None,
-          grad_scale: Callable[[int], float] | None = None, early_stopping: bool = True,
-          log: Callable[[str], None] = print, write_files: bool = True,
-          validate: bool = True) -> dict:
+def train(
+    config: Config,
+    *,
+    dataset: data_lib.TextData | None = None,
+    tx: optax.GradientTransformation | None = None,
+    max_steps: int | None = None,
+    grad_scale: Callable[[int], float] | None = None,
+    early_stopping: bool = True,
+    log: Callable[[str], None] = print,
+    write_files: bool = True,
+    validate: bool = True,
+) -> dict:
     """Trains one model; returns a results dict (test accuracy, per-step history, ...).
 
     ``tx`` replaces the configured adaptx recipe, ``max_steps`` stops after that many
@@ -389,10 +430,16 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
     """
     t_start = time.perf_counter()
     if dataset is None:
-        dataset = data_lib.load(config.dataset, config.data, max_len=config.max_len,
-                                vocab_size=config.vocab_size, min_count=config.min_count,
-                                split_seed=config.split_seed, limit=config.limit,
-                                bigrams=config.bigrams)
+        dataset = data_lib.load(
+            config.dataset,
+            config.data,
+            max_len=config.max_len,
+            vocab_size=config.vocab_size,
+            min_count=config.min_count,
+            split_seed=config.split_seed,
+            limit=config.limit,
+            bigrams=config.bigrams,
+        )
     n_dev = jax.local_device_count()
     batch_size = config.batch_size
     if batch_size % n_dev:
@@ -404,8 +451,9 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
     epochs = math.ceil(total_steps / steps_per_epoch)
     buckets = bucket_lengths(config.max_len, config.buckets)
 
-    model = build_model(config, len(dataset.encoder.vocab), dataset.num_classes,
-                        _bigram_size(dataset.encoder))
+    model = build_model(
+        config, len(dataset.encoder.vocab), dataset.num_classes, _bigram_size(dataset.encoder)
+    )
     pretrain_info = {}
     if config.pretrain_epochs > 0 and dataset.source == "rotten_tomatoes":
         pretrain_info = pretrain(model, dataset, config, log)
@@ -418,21 +466,25 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
     ema = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if config.ema > 0 else None
     # (copies: a buffer must not appear twice among the donated arguments)
     model_state, opt_state, ema = jax.tree.map(
-        jnp.copy, jax.device_put((model_state, opt_state, ema), replicated))
+        jnp.copy, jax.device_put((model_state, opt_state, ema), replicated)
+    )
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    log(f"{dataset.source}: {len(dataset.train)} train / {len(dataset.val)} val / "
+    log(
+        f"{dataset.source}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test, vocabulary {len(dataset.encoder.vocab)} (train split only); "
         f"{config.encoder} model, {n_params:,} parameters; "
-        f"{n_dev} {jax.default_backend()} device(s), batch {batch_size}")
+        f"{n_dev} {jax.default_backend()} device(s), batch {batch_size}"
+    )
 
     run_dir = config.run_dir
     metrics_file = None
     if write_files:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
-        (run_dir / "encoder.json").write_text(json.dumps(
-            {**dataset.encoder.to_json(), "class_names": dataset.class_names}))
+        (run_dir / "encoder.json").write_text(
+            json.dumps({**dataset.encoder.to_json(), "class_names": dataset.class_names})
+        )
         metrics_file = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115
 
     history: list[dict] = []
@@ -454,15 +506,19 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
         if pending:
             bar.update(len(pending))
             last = history[-1]
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
-                            gnorm=f"{last['grad_norm']:.2f}")
+            bar.set_postfix(
+                loss=f"{last['loss']:.3f}",
+                acc=f"{last['accuracy']:.3f}",
+                gnorm=f"{last['grad_norm']:.2f}",
+            )
         pending.clear()
 
     try:
         for epoch in range(1, epochs + 1):
             t_epoch = time.perf_counter()
-            for tokens, labels, weights in data_lib.batches(dataset.train, batch_size, rng,
-                                                            drop_last=True, buckets=buckets):
+            for tokens, labels, weights in data_lib.batches(
+                dataset.train, batch_size, rng, drop_last=True, buckets=buckets
+            ):
                 if step >= total_steps:
                     break
                 scale = np.float32(grad_scale(step) if grad_scale else 1.0)
@@ -470,8 +526,17 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
                 # Warm-up of the average: 1/2, 2/3, ... until it reaches config.ema.
                 decay = np.float32(min(config.ema, (1 + step) / (2 + step)))
                 model_state, opt_state, ema, metrics = train_step(
-                    model_def, opt_def, model_state, opt_state, ema, tokens, labels, weights,
-                    scale, decay)
+                    model_def,
+                    opt_def,
+                    model_state,
+                    opt_state,
+                    ema,
+                    tokens,
+                    labels,
+                    weights,
+                    scale,
+                    decay,
+                )
                 pending.append((step, metrics))
                 step += 1
                 if len(pending) >= 10:
@@ -481,22 +546,29 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
                 continue
             val = evaluate(model_def, model_state, ema, dataset.val, batch_size, sharded)
             recent = history[-steps_per_epoch:]
-            row = {"epoch": epoch, "step": step,
-                   "train_loss": float(np.mean([r["loss"] for r in recent])),
-                   "train_accuracy": float(np.mean([r["accuracy"] for r in recent])),
-                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                   "seconds": time.perf_counter() - t_epoch}
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": float(np.mean([r["loss"] for r in recent])),
+                "train_accuracy": float(np.mean([r["accuracy"] for r in recent])),
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "seconds": time.perf_counter() - t_epoch,
+            }
             epochs_log.append(row)
             if metrics_file:
                 metrics_file.write(_json_line(row) + "\n")
                 metrics_file.flush()
             improved = val["accuracy"] > best["accuracy"]
-            say(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc "
+            say(
+                f"epoch {epoch}: train loss {row['train_loss']:.4f} acc "
                 f"{row['train_accuracy']:.3f} | val loss {val['loss']:.4f} acc "
-                f"{val['accuracy']:.3f}{' (best)' if improved else ''} [{row['seconds']:.0f}s]")
+                f"{val['accuracy']:.3f}{' (best)' if improved else ''} [{row['seconds']:.0f}s]"
+            )
             if improved:
-                best.update(accuracy=val["accuracy"], epoch=epoch,
-                            state=jax.device_get((model_state, ema)))
+                best.update(
+                    accuracy=val["accuracy"], epoch=epoch, state=jax.device_get((model_state, ema))
+                )
             elif early_stopping and epoch - best["epoch"] >= config.patience:
                 say(f"early stopping: no validation improvement for {config.patience} epochs")
                 break
@@ -514,14 +586,20 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
     if ema is not None:
         nnx.update(model, jax.device_get(ema))
     results = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "val_accuracy": val["accuracy"], "best_epoch": best["epoch"], "steps": step,
-        "seconds": time.perf_counter() - t_start, "devices": n_dev,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": val["accuracy"],
+        "best_epoch": best["epoch"],
+        "steps": step,
+        "seconds": time.perf_counter() - t_start,
+        "devices": n_dev,
         "params_finite": params_finite,  # at the end of training (not the best epoch)
         **pretrain_info,
     }
-    log(f"test accuracy {test['accuracy']:.4f} (best validation epoch {best['epoch']}, "
-        f"{step} steps, {results['seconds']:.0f}s)")
+    log(
+        f"test accuracy {test['accuracy']:.4f} (best validation epoch {best['epoch']}, "
+        f"{step} steps, {results['seconds']:.0f}s)"
+    )
     if write_files:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         if config.checkpoint:
@@ -534,6 +612,7 @@ def train(config: Config, *, dataset: data_lib.TextData | None = None,
 
 
 def plot_run(history: list[dict], epochs_log: list[dict], path: Path, config: Config) -> None:
+    """Loss (training batches, validation per epoch) and pre-clip gradient norm over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -542,12 +621,27 @@ def plot_run(history: list[dict], epochs_log: list[dict], path: Path, config: Co
     steps = [r["step"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(steps, [r["loss"] for r in history], lw=0.6, alpha=0.5, label="train (batch)")
-    ax1.plot([e["step"] for e in epochs_log], [e["val_loss"] for e in epochs_log], "o-",
-             label="validation")
-    ax1.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    val_label = "validation (averaged weights)" if config.ema > 0 else "validation"
+    ax1.plot(
+        [e["step"] for e in epochs_log], [e["val_loss"] for e in epochs_log], "o-", label=val_label
+    )
+    for e in epochs_log:
+        ax1.annotate(
+            f"{e['val_accuracy']:.3f}",
+            (e["step"], e["val_loss"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+        )
+    ax1.set(xlabel="step", ylabel="cross-entropy", title="loss (labels: validation accuracy)")
     ax1.legend()
-    ax2.semilogy(steps, [float(r["grad_norm"]) for r in history], lw=0.6,
-                 label="gradient norm (before clipping)")
+    ax2.semilogy(
+        steps,
+        [float(r["grad_norm"]) for r in history],
+        lw=0.6,
+        label="gradient norm (before clipping)",
+    )
     if config.optimizer != "robust_adamw":
         ax2.axhline(config.max_norm, color="k", ls="--", lw=0.8, label="max_norm")
     ax2.set(xlabel="step", title="global gradient norm")
