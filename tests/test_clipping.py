@@ -145,3 +145,25 @@ def test_mismatched_state_tree_names_both_structures():
     state = tx.init({"a": jnp.ones(2)})
     with pytest.raises(ValueError, match="different structures"):
         tx.update({"a": jnp.ones(2), "b": jnp.ones(1)}, state)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_global_norm_of_many_small_leaves_is_one_reduction_and_correct(dtype):
+    # 40 small leaves (reduced as one concatenation), one large leaf (its own reduction),
+    # an empty leaf; the float16 values square past float16's range.
+    from adaptx._core import tree as tu
+
+    rng = np.random.default_rng(0)
+    big = 1e3 if dtype == jnp.float16 else 1.0
+    grads = {f"s{i}": jnp.asarray(big * rng.standard_normal(7 + i), dtype) for i in range(40)}
+    grads["large"] = jnp.asarray(rng.standard_normal(tu.SMALL_LEAF + 1), dtype)
+    grads["empty"] = jnp.zeros((0, 3), dtype)
+    assert sum(x.size <= tu.SMALL_LEAF for x in jax.tree.leaves(grads)) >= tu.MANY_SMALL_LEAVES
+    np.testing.assert_allclose(float(tu.global_norm(grads)), norm(grads), rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(tu.sum_of_squares)(grads))
+    assert jaxpr.count("concatenate") == 1
+    assert jaxpr.count("reduce_sum") == 2  # the concatenation and the large leaf
+    tx = adaptx.clip_by_global_norm(1.0)
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_allclose(float(state.grad_norm), norm(grads), rtol=1e-6)
+    np.testing.assert_allclose(norm(updates), 1.0, rtol=1e-2)

@@ -210,3 +210,145 @@ def test_long_run_with_random_faults_never_goes_nonfinite():
     for leaf in jax.tree.leaves((params, state)):
         assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
     assert int(state.skipped) == len(faulty)
+
+
+# --- the skip decision is handed down to adaptx transforms ------------------------------
+
+
+def _full_size_copies(tx, n):
+    """Copies of a whole state-sized buffer in the compiled, donated step."""
+    p, g = jnp.zeros(n), jnp.full(n, 1e-3)
+
+    def step(params, state, grads):
+        u, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, u), state
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), g).compile().as_text()
+    return [ln for ln in hlo.splitlines() if f"f32[{n}]" in ln and " copy(" in ln]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="HLO checked on XLA:CPU")
+@pytest.mark.parametrize(
+    "make", [lambda: adaptx.adamw(1e-3), lambda: adaptx.robust_adamw(1e-3)], ids=["adamw", "robust"]
+)
+def test_guard_adds_no_copy_of_the_moments(make):
+    # Selecting the old moments *around* Adam makes XLA copy both moments before its
+    # in-place update (two extra full-size buffers); guard hands its decision down so
+    # Adam selects inside its own fused update instead.
+    n = 1 << 16
+    assert _full_size_copies(make(), n) == []
+    assert _full_size_copies(adaptx.guard(make()), n) == []
+
+
+class _Recorder:
+    """An inner transform that sees what guard passes down, and keeps an old leaf."""
+
+    def __init__(self, honest):
+        self.honest = honest
+        self.seen = []
+
+    def tx(self):
+        def init(params):
+            return {"acc": jnp.zeros_like(params)}
+
+        def update(updates, state, params=None, **extra):
+            signal = adaptx._core.skip.from_extra_args(extra)
+            self.seen.append(signal)
+            new = {"acc": state["acc"] + updates}
+            if signal is not None:
+                # An honest transform records only what it selected itself; a dishonest
+                # one claims an unselected array, against an array guard never held.
+                if self.honest:
+                    new = {"acc": jnp.where(signal.flag, state["acc"], new["acc"])}
+                    signal.keep(state["acc"], new["acc"])
+                else:
+                    signal.keep(jnp.zeros_like(state["acc"]), new["acc"])
+            return updates, new
+
+        return optax.GradientTransformationExtraArgs(init, update)
+
+
+@pytest.mark.parametrize("honest", [True, False])
+def test_guard_keeps_the_old_state_whatever_the_inner_transform_claims(honest):
+    rec = _Recorder(honest)
+    tx = adaptx.guard(optax.chain(rec.tx(), optax.scale(-0.1)))
+    params = jnp.ones(3)
+    state = tx.init(params)
+    _, state = tx.update(jnp.full(3, 2.0), state, params)
+    assert isinstance(rec.seen[-1], adaptx._core.skip.SkipSignal)
+    before = state.inner_state
+    updates, state = tx.update(jnp.array([1.0, jnp.nan, 1.0]), state, params)
+    assert bitwise_equal(before, state.inner_state)
+    assert bitwise_equal(updates, jnp.zeros(3))
+
+
+def test_the_skip_signal_is_not_passed_outside_a_guard():
+    rec = _Recorder(honest=True)
+    tx = optax.chain(rec.tx())
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    assert rec.seen == [None]
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda tx: tx,
+        lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
+        lambda tx: optax.masked(tx, {"w": True, "b": False}),
+        lambda tx: adaptx.guard(tx),
+    ],
+    ids=["plain", "MultiSteps", "masked", "guard-in-guard"],
+)
+@jax.numpy_dtype_promotion("standard")  # optax.MultiSteps mixes int32 and float32
+def test_skipped_step_is_bit_identical_through_wrappers(wrap):
+    # Adam selects its own moments inside a guard; wrappers between the two must not
+    # let a skipped step through.
+    tx = adaptx.guard(wrap(adaptx.adamw(1e-2)))
+
+    def corrupt(t, g):
+        return jax.tree.map(lambda x: x * jnp.nan, g) if t == 3 else g
+
+    _, _, history = train(tx, 5, corrupt)
+    (p_before, s_before), (p_after, s_after) = history[3]
+    assert bitwise_equal(p_before, p_after)
+    assert bitwise_equal(s_before.inner_state, s_after.inner_state)
+    (p_b, _), (p_a, _) = history[4]
+    assert not bitwise_equal(p_b, p_a)
+
+
+INNER = {
+    "adamw": lambda: adaptx.adamw(1e-2),
+    "adamw-f16-moments": lambda: optax.chain(
+        adaptx.scale_by_adam(mu_dtype=jnp.float16, nu_dtype=jnp.float16), optax.scale(-1e-2)
+    ),
+    "nadam": lambda: optax.chain(adaptx.scale_by_adam(nesterov=True), optax.scale(-1e-2)),
+    "spam": lambda: adaptx.spam(1e-2, reset_interval=4, spike_start=1),
+    "stable_adamw": lambda: adaptx.stable_adamw(1e-2),
+    "sgd-nesterov": lambda: adaptx.sgd(1e-2, nesterov=True),
+    "rms": lambda: optax.chain(adaptx.scale_by_rms(), optax.scale(-1e-2)),
+    "adagrad": lambda: optax.chain(adaptx.scale_by_adagrad(), optax.scale(-1e-2)),
+    "ema": lambda: optax.chain(adaptx.ema(0.9), optax.scale(-1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INNER))
+def test_every_state_that_selects_itself_is_kept_on_a_skipped_step(name):
+    # Each of these selects its own state inside a guard; a skipped step must still
+    # leave it bit-identical, and a good step must give the unguarded numbers.
+    tx, plain = adaptx.guard(INNER[name]()), INNER[name]()
+
+    def corrupt(t, g):
+        return {**g, "b": g["b"].at[1].set(jnp.inf)} if t in (2, 5) else g
+
+    params, state, history = train(tx, 7, corrupt)
+    for t in (2, 5):
+        (p_before, s_before), (p_after, s_after) = history[t]
+        assert bitwise_equal(p_before, p_after), t
+        assert bitwise_equal(s_before.inner_state, s_after.inner_state), t
+    ref, ref_state = params0(), plain.init(params0())
+    for t in range(7):
+        if t not in (2, 5):
+            u, ref_state = jax.jit(plain.update)(grads_at(t), ref_state, ref)
+            ref = optax.apply_updates(ref, u)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._core import running_stats, validate
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
@@ -84,7 +85,10 @@ def guard(
     (no moment decay, no count increment), so parameters are untouched by
     ``optax.apply_updates``. Counters and the reason are kept in the state for
     :func:`adaptx.telemetry`. Everything is decided on device with ``jnp.where``:
-    no host sync, no recompilation.
+    no host sync, no recompilation. adaptx transforms inside the guard (Adam's
+    moments) receive the decision and select their own state within their fused
+    update, which keeps XLA's in-place update of that state (selecting around the
+    finished update would copy it first); the guard selects every other leaf.
 
     After ``max_consecutive_skips`` skipped steps in a row, the next spike is let
     through and recorded in the statistics, so a lasting change in the gradient
@@ -184,11 +188,19 @@ def guard(
             forced = jnp.zeros([], bool)
         skip = nonfinite | (spike & ~forced)
 
+        # adaptx transforms inside select their own full-size state in their fused
+        # update (see adaptx._core.skip); every other leaf is selected here. Select,
+        # never multiply: 0 * NaN is NaN. Inside another guard, the inner state is
+        # also kept when the outer one skips, so that one need not select it again.
+        outer = skip_lib.from_extra_args(extra_args)
+        signal = skip_lib.SkipSignal(skip if outer is None else skip | outer.flag)
+        extra_args = {**extra_args, skip_lib.KEY: signal}
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        # Select, never multiply: 0 * NaN is NaN. The predicate is one scalar, so each
-        # select fuses into the elementwise pass that produces the value.
-        keep_old = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
-        inner_state = jax.tree.map(keep_old, new_inner, state.inner_state)
+        inner_state = jax.tree.map(
+            lambda new, old: signal.select(old, new), new_inner, state.inner_state
+        )
+        if outer is not None:
+            jax.tree.map(outer.keep, state.inner_state, inner_state)
         out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
 
         count, mean, var = running_stats.record(

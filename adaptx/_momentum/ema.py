@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 
@@ -64,7 +65,8 @@ def ema(
         return EmaState(count=jnp.zeros([], jnp.int32), ema=tu.zeros_like(params, dtype=dtype))
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
+        signal = skip_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.ema, "updates", "state.ema", shapes=True)
         count = tu.safe_increment(state.count)
@@ -74,8 +76,9 @@ def ema(
         def leaf(g, e):
             acc = tu.compute_dtype(g.dtype, e.dtype)
             b = beta.astype(acc)
-            e_ = (1 - b) * g.astype(acc) + b * e.astype(acc)
-            return (e_ * k.astype(acc)).astype(g.dtype), tu.to_storage(e_, e.dtype)
+            e_ = skip_lib.hold(signal, e, (1 - b) * g.astype(acc) + b * e.astype(acc))
+            u = skip_lib.silence(signal, e_ * k.astype(acc))
+            return u.astype(g.dtype), skip_lib.kept(signal, e, tu.to_storage(e_, e.dtype))
 
         u, avg = tu.unzip(jax.tree.map(leaf, updates, state.ema), updates, 2)
         return u, EmaState(count=count, ema=avg)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 
@@ -68,7 +69,8 @@ def momentum(
         return MomentumState(trace=tu.zeros_like(params, dtype=dtype))
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
+        signal = skip_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.trace, "updates", "state.trace", shapes=True)
         mu = tu.as_scalar(decay, jnp.float32)
@@ -76,9 +78,9 @@ def momentum(
         def leaf(g, b):
             acc = tu.compute_dtype(g.dtype, b.dtype)
             g_, m = g.astype(acc), mu.astype(acc)
-            b_ = g_ + m * b.astype(acc)
-            u = g_ + m * b_ if nesterov else b_
-            return u.astype(g.dtype), tu.to_storage(b_, b.dtype)
+            b_ = skip_lib.hold(signal, b, g_ + m * b.astype(acc))
+            u = skip_lib.silence(signal, g_ + m * b_ if nesterov else b_)
+            return u.astype(g.dtype), skip_lib.kept(signal, b, tu.to_storage(b_, b.dtype))
 
         u, trace = tu.unzip(jax.tree.map(leaf, updates, state.trace), updates, 2)
         return u, MomentumState(trace=trace)

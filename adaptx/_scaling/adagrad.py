@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 
@@ -71,7 +72,8 @@ def scale_by_adagrad(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
+        signal = skip_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.sum_of_squares, "updates", "state", shapes=True)
         e = tu.as_scalar(eps, jnp.float32)
@@ -79,9 +81,10 @@ def scale_by_adagrad(
         def leaf(g, s):
             acc = tu.compute_dtype(g.dtype, s.dtype)
             g_ = g.astype(acc)
-            s_ = s.astype(acc) + g_ * g_
+            s_ = skip_lib.hold(signal, s, s.astype(acc) + g_ * g_)
             u = jnp.where(s_ > 0, g_ * jax.lax.rsqrt(s_ + e.astype(acc)), jnp.zeros([], acc))
-            return u.astype(g.dtype), tu.to_storage(s_, s.dtype)
+            u = skip_lib.silence(signal, u)
+            return u.astype(g.dtype), skip_lib.kept(signal, s, tu.to_storage(s_, s.dtype))
 
         u, sos = tu.unzip(jax.tree.map(leaf, updates, state.sum_of_squares), updates, 2)
         return u, ScaleByAdagradState(sum_of_squares=sos)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
@@ -217,7 +218,8 @@ def scale_by_adam(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
+        signal = skip_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu", shapes=True)
         f32 = jnp.float32
@@ -225,7 +227,8 @@ def scale_by_adam(
         count = tu.safe_increment(previous)
         # Step-dependent scalars, computed once for the whole tree.
         c1, c2 = tu.as_scalar(b1, f32), tu.as_scalar(b2, f32)
-        inv_bc2 = 1.0 / tu.bias_correction(c2, count)
+        bc2 = tu.bias_correction(c2, count)
+        inv_bc2 = 1.0 / bc2
         if nesterov:
             k_mu = c1 / tu.bias_correction(c1, tu.safe_increment(count))
             k_g = (1.0 - c1) / tu.bias_correction(c1, count)
@@ -254,6 +257,8 @@ def scale_by_adam(
                 n_spikes = jnp.sum(is_spike, dtype=jnp.int32)
             m_ = (1 - b1_) * g_ + b1_ * m_
             v_ = (1 - b2_) * (g_ * g_) + b2_ * v_
+            # Inside a guard, a skipped step keeps the old moments (adaptx._core.skip).
+            m_, v_ = skip_lib.hold(signal, m, m_), skip_lib.hold(signal, v, v_)
             m_hat = k_mu.astype(acc) * m_
             if nesterov:
                 m_hat = m_hat + k_g.astype(acc) * g_
@@ -261,13 +266,18 @@ def scale_by_adam(
             u = m_hat / (jnp.sqrt(v_hat + e_root.astype(acc)) + e.astype(acc))
             rms = jnp.zeros([], f32)
             if update_rms_clip is not None:
-                e_ = e.astype(acc)
-                ratio = jnp.mean(g_ * g_ / jnp.maximum(v_hat, e_ * e_))
+                # mean(g^2 / max(v_hat, eps^2)) with v_hat = v / bc2, written as
+                # bc2 * mean(g^2 / max(v, bc2 eps^2)): the same number, but the reduction
+                # reads v itself, so XLA does not write v_hat out as a temporary.
+                e_, bc2_ = e.astype(acc), bc2.astype(acc)
+                ratio = bc2_ * jnp.mean(g_ * (g_ / jnp.maximum(v_, bc2_ * (e_ * e_))))
                 rms = jnp.sqrt(ratio).astype(f32)
                 u = u * (1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc)))
             if reset_interval is not None:
                 u = u * warm.astype(acc)
-            m_, v_ = tu.to_storage(m_, m.dtype), tu.to_storage(v_, v.dtype)
+            u = skip_lib.silence(signal, u)
+            m_ = skip_lib.kept(signal, m, tu.to_storage(m_, m.dtype))
+            v_ = skip_lib.kept(signal, v, tu.to_storage(v_, v.dtype))
             return (u.astype(g.dtype), m_, v_, n_spikes, rms)
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
