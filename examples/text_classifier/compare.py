@@ -300,6 +300,8 @@ def main(argv=None) -> dict:
     )
     steps_per_epoch = len(dataset.train) // base.batch_size
     total = args.steps or scenario.get("steps") or steps_per_epoch * base.epochs
+    if total > steps_per_epoch * base.epochs:  # run as many epochs as the steps need
+        base = dataclasses.replace(base, epochs=math.ceil(total / steps_per_epoch))
     faults = fault_schedule(total, args.inject_spikes, args.inject_nan, args.spike_scale)
     lr = train_lib.learning_rate(base, total)
     table = FAMILIES[scenario["family"]](lr, base)

@@ -24,6 +24,7 @@ import train  # noqa: E402
 
 WORDS_POS = "great wonderful moving brilliant superb funny charming".split()
 WORDS_NEG = "dull boring awful tedious bland mess lifeless".split()
+TEXTS = ["a great and wonderful film", "boring , tedious mess", "the story"]
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[data.Example]:
@@ -218,9 +219,8 @@ def test_checkpoint_round_trip(tiny_run):
     config, ds, result = tiny_run
     model, encoder, info = train.load_checkpoint(config.run_dir)
     assert info["config"] == config and info["class_names"] == ["negative", "positive"]
-    texts = ["a great and wonderful film", "boring , tedious mess", "the story"]
-    before = train.predict(result["model"], ds.encoder, texts)
-    after = train.predict(model, encoder, texts)
+    before = train.predict(result["model"], ds.encoder, TEXTS)
+    after = train.predict(model, encoder, TEXTS)
     np.testing.assert_allclose(before, after, rtol=1e-6)
     assert after[0].argmax() == 1 and after[1].argmax() == 0
 
@@ -286,26 +286,50 @@ import json, sys
 sys.path.insert(0, {here!r})
 import jax, train, test_text_classifier as t
 assert jax.local_device_count() == 2, jax.devices()
-r = train.train(t.tiny_config({tmp!r}), dataset=t.tiny_dataset(), max_steps=6,
+ds = t.tiny_dataset()
+r = train.train(t.tiny_config({tmp!r}), dataset=ds, max_steps=6,
                 write_files=False, log=lambda *_: None, validate=False)
 print(json.dumps({{"devices": r["devices"], "loss": [row["loss"] for row in r["history"]],
-                  "grad_norm": [row["grad_norm"] for row in r["history"]]}}))
+                  "grad_norm": [row["grad_norm"] for row in r["history"]],
+                  "test_loss": r["test_loss"],
+                  "predict": train.predict(r["model"], ds.encoder, t.TEXTS).tolist()}}))
 """
 
 
-def test_data_parallel_matches_single_device(tiny_run, tmp_path):
+def _run_children(cmds: list[list[str]], env: dict, timeout: float = 240) -> list[str]:
+    """Runs the commands side by side; returns their stdouts, or fails with their stderr."""
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for cmd in cmds
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=timeout))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        outs = [proc.communicate() for proc in procs]
+        pytest.fail("timed out:\n" + "\n----\n".join(err[-3000:] for _, err in outs))
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+@pytest.fixture(scope="module")
+def two_device_run(tmp_path_factory):
+    """6 steps of the tiny run in one process with two simulated CPU devices."""
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", DP_SCRIPT.format(here=str(HERE), tmp=str(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    tmp = str(tmp_path_factory.mktemp("dp"))
+    script = DP_SCRIPT.format(here=str(HERE), tmp=tmp)
+    (out,) = _run_children([[sys.executable, "-c", script]], env, timeout=300)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_data_parallel_matches_single_device(tiny_run, two_device_run):
+    two = two_device_run
     assert two["devices"] == 2
     _, _, single = tiny_run
     assert single["devices"] == 1
@@ -316,3 +340,70 @@ def test_data_parallel_matches_single_device(tiny_run, tmp_path):
     np.testing.assert_allclose(one["loss"][0], two["loss"][0], rtol=1e-5)
     np.testing.assert_allclose(one["grad_norm"][0], two["grad_norm"][0], rtol=1e-4)
     np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-2)
+
+
+# One process of a --distributed run: the tiny configuration, with the distributed settings
+# from the command line; reports the files it opened for writing in the run folder.
+MP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import jax, train, test_text_classifier as t
+config = train.parse_args(sys.argv[1:], defaults=t.tiny_config({tmp!r}))
+run_dir = str(config.run_dir.absolute())
+written = set()
+
+def audit(event, args):
+    if event != "open":
+        return
+    path = os.fspath(args[0]) if isinstance(args[0], os.PathLike) else args[0]
+    if isinstance(path, str) and path.startswith(run_dir):
+        mode, flags = args[1] or "", args[2] if isinstance(args[2], int) else 0
+        if set(mode) & set("wax+") or flags & (os.O_WRONLY | os.O_RDWR):
+            written.add(os.path.relpath(path, run_dir))
+
+sys.addaudithook(audit)
+r = train.train(config, dataset=t.tiny_dataset(), max_steps=6, validate=False)
+print(json.dumps({{"process": jax.process_index(), "devices": r["devices"],
+                  "local_devices": jax.local_device_count(),
+                  "loss": [row["loss"] for row in r["history"]], "test_loss": r["test_loss"],
+                  "written": sorted(written)}}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_two_devices(two_device_run, tmp_path):
+    """--distributed with 2 processes of 1 CPU device each == 1 process with 2 devices."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
+    )
+    script = MP_SCRIPT.format(here=str(HERE), tmp=str(tmp_path))
+    flags = ["--distributed", "--coordinator", f"localhost:{_free_port()}", "--num-processes", "2"]
+    outs = _run_children(
+        [[sys.executable, "-c", script, *flags, "--process-id", str(i)] for i in (0, 1)], env
+    )
+    runs = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert [(r["process"], r["devices"], r["local_devices"]) for r in runs] == [
+        (0, 2, 1),
+        (1, 2, 1),
+    ]
+    ref = two_device_run
+    for r in runs:  # the same global batches, split over two processes instead of two devices
+        np.testing.assert_allclose(r["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(r["test_loss"], ref["test_loss"], rtol=1e-5)
+    outputs = {"metrics.jsonl", "results.json", "config.json", "encoder.json", "training.png"}
+    assert outputs <= set(runs[0]["written"]), runs[0]["written"]
+    assert not outputs & set(runs[1]["written"]), runs[1]["written"]
+    run_dir = tmp_path / "tiny"
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == list(range(6))
+    # Both processes saved the checkpoint together; it holds the two-device run's weights.
+    model, encoder, info = train.load_checkpoint(run_dir)
+    assert info["config"].distributed and info["config"].num_processes == 2
+    np.testing.assert_allclose(train.predict(model, encoder, TEXTS), ref["predict"], rtol=1e-5)

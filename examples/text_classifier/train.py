@@ -9,6 +9,9 @@ Writes to ``runs/text_classifier/<name>/``: ``metrics.jsonl`` (one line per step
 accuracy, gradient norm and the optimizer's ``adaptx.telemetry`` figures, plus one line per
 epoch with validation results), ``checkpoint/`` (orbax, best-validation parameters),
 ``encoder.json`` (vocabularies), ``config.json``, ``results.json`` and ``training.png``.
+
+``--distributed`` runs one copy of this script per process (host), data parallel over the
+devices of all of them; see "Several hosts" in the README.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ class Config:
     plot: bool = True
     checkpoint: bool = True
     progress: bool = True
+    # Several processes (hosts): jax.distributed.initialize(); settings left unset are
+    # auto-detected (Slurm, Open MPI, Cloud TPU, ...; see the README, "Several hosts").
+    distributed: bool = False
+    coordinator: str | None = None  # HOST:PORT of process 0, reachable from every process
+    num_processes: int | None = None
+    process_id: int | None = None  # 0 .. num_processes - 1; process 0 writes the files
 
     @property
     def run_dir(self) -> Path:
@@ -175,15 +184,93 @@ def bucket_lengths(max_len: int, n: int) -> list[int]:
     return sorted(cuts | {max_len})
 
 
-def data_parallel(batch_size: int):
-    """Shardings for data parallelism over all local devices (a no-op with one device)."""
-    devices = jax.local_devices()
+def init_distributed(config: Config) -> None:
+    """With ``--distributed``, joins the other processes; must run before JAX uses a device.
+
+    Does nothing without ``--distributed`` or when already initialized. Unset
+    ``--coordinator`` / ``--num-processes`` / ``--process-id`` are left to
+    ``jax.distributed.initialize`` to detect.
+    """
+    if not config.distributed or jax.distributed.is_initialized():
+        return
+    # Collectives between CPU processes need an implementation (Gloo; the default in recent
+    # jax, but not in older ones). Only the CPU backend reads this option; a choice the user
+    # made (e.g. "mpi") is kept.
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=config.coordinator,
+        num_processes=config.num_processes,
+        process_id=config.process_id,
+    )
+
+
+def data_parallel(batch_size: int, name: str = "--batch-size"):
+    """Shardings for data parallelism over all devices of all processes (a no-op with one).
+
+    Returns ``(replicated, sharded)``: for the state, and for batches split along their
+    first axis. ``batch_size`` is the global batch, summed over every device of every process.
+    """
+    devices = jax.devices()
     if batch_size % len(devices):
         raise ValueError(
-            f"batch size {batch_size} must be a multiple of the {len(devices)} local devices"
+            f"{name} {batch_size} (the global batch) must be a multiple of the number of "
+            f"devices, {len(devices)} ({jax.process_count()} process(es))"
         )
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def shard_batch(arrays: tuple[np.ndarray, ...], sharding: NamedSharding) -> tuple:
+    """A global batch (the same NumPy arrays in every process) as device arrays split over
+    all devices; each process transfers only the rows its own devices hold."""
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    rows = _process_rows(sharding, len(arrays[0]))
+    return tuple(jax.make_array_from_process_local_data(sharding, a[rows], a.shape) for a in arrays)
+
+
+def _process_rows(sharding: NamedSharding, n: int) -> np.ndarray:
+    """Indices of the rows of an ``n``-row batch that this process's devices hold, in the
+    order ``jax.make_array_from_process_local_data`` expects them."""
+    slices = {idx[0].indices(n) for idx in sharding.addressable_devices_indices_map((n,)).values()}
+    return np.concatenate([np.arange(*s) for s in sorted(slices)])
+
+
+def replicate(tree, sharding: NamedSharding):
+    """Host (or single-device) values, the same in every process, copied to every device."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        # device_put onto devices of other processes takes NumPy (and checks that every
+        # process passed the same value); random keys go as their raw data.
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+    """Device values as local values, in every process (a gather where not replicated)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return jax.device_get(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                get(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+            )
+        if x.is_fully_replicated:
+            return np.asarray(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(get, tree)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,10 +341,8 @@ def eval_step(model_def, model_state, ema, tokens, labels, weights):
 
 def evaluate(model_def, model_state, ema, split: data_lib.Split, batch_size: int, shard) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for tokens, labels, weights in data_lib.batches(split, batch_size):
-        out = eval_step(
-            model_def, model_state, ema, *jax.device_put((tokens, labels, weights), shard)
-        )
+    for batch in data_lib.batches(split, batch_size):
+        out = eval_step(model_def, model_state, ema, *shard_batch(batch, shard))
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
     n = max(totals["count"], 1.0)
@@ -289,8 +374,8 @@ def pretrain(
     optimizer = nnx.Optimizer(bag, adaptx.adamw(1e-2, weight_decay=0.0), wrt=nnx.Param)
     graphdef, state = nnx.split((bag, optimizer))
     batch_size = 128
-    replicated, sharded = data_parallel(batch_size)
-    state = jax.device_put(state, replicated)
+    replicated, sharded = data_parallel(batch_size, "the pretraining batch size")
+    state = replicate(state, replicated)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state, tokens, labels):
@@ -309,9 +394,9 @@ def pretrain(
     accs = []
     for _ in range(config.pretrain_epochs):
         for tokens, labels, _ in data_lib.batches(corpus, batch_size, rng, drop_last=True):
-            state, acc = step(state, *jax.device_put((tokens, labels), sharded))
+            state, acc = step(state, *shard_batch((tokens, labels), sharded))
             accs.append(acc)
-    bag, _ = nnx.merge(graphdef, jax.device_get(state))
+    bag, _ = nnx.merge(graphdef, to_host(state))
     model.embed.embedding[...] = bag.embed.embedding[...]
     if model.bigram_embed is not None:
         model.bigram_embed.embedding[...] = bag.bigram_embed.embedding[...]
@@ -429,6 +514,13 @@ def train(
     validation (and so early stopping); these are used by ``compare.py``.
     """
     t_start = time.perf_counter()
+    init_distributed(config)  # before anything below touches a device
+    # Every process runs all of this on the same data, split, vocabulary and shuffles (all
+    # seeded), and feeds its own devices their rows of each global batch; only process 0
+    # prints and writes files (the checkpoint is written by all, as orbax requires).
+    main_process = jax.process_index() == 0
+    if not main_process:
+        log = lambda *_: None  # noqa: E731
     if dataset is None:
         dataset = data_lib.load(
             config.dataset,
@@ -440,10 +532,9 @@ def train(
             limit=config.limit,
             bigrams=config.bigrams,
         )
-    n_dev = jax.local_device_count()
+    n_dev = jax.device_count()
     batch_size = config.batch_size
-    if batch_size % n_dev:
-        batch_size += n_dev - batch_size % n_dev
+    replicated, sharded = data_parallel(batch_size)  # checks batch_size % n_dev
     steps_per_epoch = max(len(dataset.train) // batch_size, 1)
     total_steps = steps_per_epoch * config.epochs
     if max_steps is not None:
@@ -460,13 +551,12 @@ def train(
     tx = tx if tx is not None else make_optimizer(config, total_steps)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     # Functional state for the jitted steps; replicated over the devices, batches sharded.
-    replicated, sharded = data_parallel(batch_size)
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(optimizer)
     ema = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if config.ema > 0 else None
     # (copies: a buffer must not appear twice among the donated arguments)
     model_state, opt_state, ema = jax.tree.map(
-        jnp.copy, jax.device_put((model_state, opt_state, ema), replicated)
+        jnp.copy, replicate((model_state, opt_state, ema), replicated)
     )
 
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -474,12 +564,14 @@ def train(
         f"{dataset.source}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test, vocabulary {len(dataset.encoder.vocab)} (train split only); "
         f"{config.encoder} model, {n_params:,} parameters; "
-        f"{n_dev} {jax.default_backend()} device(s), batch {batch_size}"
+        f"{n_dev} {jax.default_backend()} device(s)"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + f", batch {batch_size}"
     )
 
     run_dir = config.run_dir
     metrics_file = None
-    if write_files:
+    if write_files and main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
         (run_dir / "encoder.json").write_text(
@@ -493,7 +585,7 @@ def train(
     best = {"accuracy": -1.0, "epoch": 0, "state": None}
     rng = np.random.default_rng(config.seed)
     step = 0
-    bar = _progress(total_steps, config.progress, "train")
+    bar = _progress(total_steps, config.progress and main_process, "train")
     say = bar.write if not bar.disable else log  # keeps the bar intact on a terminal
 
     def flush():
@@ -522,7 +614,7 @@ def train(
                 if step >= total_steps:
                     break
                 scale = np.float32(grad_scale(step) if grad_scale else 1.0)
-                tokens, labels, weights = jax.device_put((tokens, labels, weights), sharded)
+                tokens, labels, weights = shard_batch((tokens, labels, weights), sharded)
                 # Warm-up of the average: 1/2, 2/3, ... until it reaches config.ema.
                 decay = np.float32(min(config.ema, (1 + step) / (2 + step)))
                 model_state, opt_state, ema, metrics = train_step(
@@ -566,9 +658,13 @@ def train(
                 f"{val['accuracy']:.3f}{' (best)' if improved else ''} [{row['seconds']:.0f}s]"
             )
             if improved:
-                best.update(
-                    accuracy=val["accuracy"], epoch=epoch, state=jax.device_get((model_state, ema))
+                # (on the host with one process; with several, a copy on the devices)
+                snapshot = (
+                    jax.device_get((model_state, ema))
+                    if jax.process_count() == 1
+                    else jax.tree.map(jnp.copy, (model_state, ema))
                 )
+                best.update(accuracy=val["accuracy"], epoch=epoch, state=snapshot)
             elif early_stopping and epoch - best["epoch"] >= config.patience:
                 say(f"early stopping: no validation improvement for {config.patience} epochs")
                 break
@@ -579,12 +675,14 @@ def train(
 
     params_finite = bool(all_finite(nnx.state(nnx.merge(model_def, model_state), nnx.Param)))
     if early_stopping and best["state"] is not None:
-        model_state, ema = jax.device_put(best["state"], replicated)
+        model_state, ema = (
+            jax.device_put(best["state"], replicated) if jax.process_count() == 1 else best["state"]
+        )
     test = evaluate(model_def, model_state, ema, dataset.test, batch_size, sharded)
     val = evaluate(model_def, model_state, ema, dataset.val, batch_size, sharded)
-    model = nnx.merge(model_def, jax.device_get(model_state))
+    model = nnx.merge(model_def, to_host(model_state))
     if ema is not None:
-        nnx.update(model, jax.device_get(ema))
+        nnx.update(model, to_host(ema))
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
@@ -601,10 +699,14 @@ def train(
         f"{step} steps, {results['seconds']:.0f}s)"
     )
     if write_files:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        if main_process:
+            (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         if config.checkpoint:
+            # Every process calls this, as orbax requires with several; the parameters are
+            # host (NumPy) arrays, the same in every process, which orbax has process 0 write:
+            # the same checkpoint as from one process, loadable on any device layout.
             save_checkpoint(run_dir / "checkpoint", model)
-        if config.plot:
+        if config.plot and main_process:
             plot_run(history, epochs_log, run_dir / "training.png", config)
         log(f"wrote {run_dir}/: metrics.jsonl, checkpoint/, training.png, results.json")
     results.update(history=history, epochs=epochs_log, model=model)
