@@ -248,15 +248,19 @@ def scale_by_adam(
             if reset_interval is not None:  # moments restart from zero at a reset step
                 m_ = m_ * keep.astype(acc)
                 v_ = v_ * keep.astype(acc)
+            g_sq = g_ * g_
             if spike_threshold is not None:
                 bound_sq = theta.astype(acc) * v_
                 # An element with no second-moment history (v = 0: never seen a nonzero
                 # gradient, e.g. an embedding row) has no reference and is not clipped.
-                is_spike = spike_on & (v_ > 0) & (g_ * g_ > bound_sq)
+                is_spike = spike_on & (v_ > 0) & (g_sq > bound_sq)
+                # The clipped square is the bound itself: the square root is then needed
+                # by the first moment only, so XLA fuses it there instead of writing it out.
+                g_sq = jnp.where(is_spike, bound_sq, g_sq)
                 g_ = jnp.where(is_spike, jnp.sign(g_) * jnp.sqrt(bound_sq), g_)
                 n_spikes = jnp.sum(is_spike, dtype=jnp.int32)
             m_ = (1 - b1_) * g_ + b1_ * m_
-            v_ = (1 - b2_) * (g_ * g_) + b2_ * v_
+            v_ = (1 - b2_) * g_sq + b2_ * v_
             # Inside a guard, a skipped step keeps the old moments (adaptx._core.skip).
             m_, v_ = skip_lib.hold(signal, m, m_), skip_lib.hold(signal, v, v_)
             m_hat = k_mu.astype(acc) * m_
