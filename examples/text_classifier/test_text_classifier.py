@@ -407,3 +407,31 @@ def test_two_processes_match_two_devices(two_device_run, tmp_path):
     model, encoder, info = train.load_checkpoint(run_dir)
     assert info["config"].distributed and info["config"].num_processes == 2
     np.testing.assert_allclose(train.predict(model, encoder, TEXTS), ref["predict"], rtol=1e-5)
+
+
+def test_compare_mode_end_to_end(tmp_path, monkeypatch):
+    # compare.py on a tiny model and a user CSV: 20 steps, more than the scenario's 3 epochs
+    # of 6 steps, with a NaN gradient at 40 % of them, which guard skips.
+    csv_path = tmp_path / "tiny.csv"
+    rows = [f'"{e.text}",{e.label}' for e in synthetic_examples(120)]
+    csv_path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    steps_run = []
+    real_train = train.train
+
+    def counting_train(*args, **kw):
+        result = real_train(*args, **kw)
+        steps_run.append(len(result["history"]))
+        return result
+
+    monkeypatch.setattr(compare.train_lib, "train", counting_train)
+    out = compare.main(
+        ["--inject-nan", "--steps", "20", "--only", "adaptx guard", "--out", str(tmp_path)]
+        + ["--set", f"data={csv_path}", "embed_dim=16", "hidden_dim=16", "max_len=16"]
+        + ["batch_size=16", "bigrams=0", "min_count=1", "buckets=1"]
+    )
+    assert steps_run == [20]
+    (guarded,) = out["adaptx guard(adamw)"]
+    assert guarded["nonfinite_step"] is None and guarded["skipped"] == 1
+    assert guarded["outcome"] != "diverged"
+    assert (tmp_path / "compare-lstm-nan.png").stat().st_size > 0
+    assert "adaptx guard(adamw)" in (tmp_path / "compare-lstm-nan.txt").read_text()
