@@ -240,8 +240,16 @@ def _call_recipe(name: str):
 
 
 def _robust_unguarded():
-    """``robust_adamw``'s inner chain (defaults) without the ``guard`` wrapper."""
-    return optax.chain(
+    """``robust_adamw``'s inner chain (defaults) without the ``guard`` wrapper.
+
+    Built as the recipe builds it (``hinted_chain``: zclip tells Adam its output is
+    ``s * g``, so the update-RMS reduction reads ``g``), where the adaptx version has it.
+    """
+    try:
+        from adaptx._core.hints import hinted_chain as chain
+    except ImportError:  # an adaptx from before the hints
+        chain = optax.chain
+    return chain(
         adaptx.zclip(),
         adaptx.scale_by_adam(B1, B2, EPS, update_rms_clip=1.0),
         optax.add_decayed_weights(WD),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import hints as hints_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
@@ -90,7 +91,8 @@ def clip_by_global_norm(
         return ClipByGlobalNormState(grad_norm=jnp.zeros([], jnp.float32), scale=one)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
+        hints = hints_lib.from_extra_args(extra_args)
         tu.check_float_leaves("clip_by_global_norm", updates)
         norm = tu.global_norm(updates, axis_name)
         # max_norm = 0 zeroes every gradient, even one whose squares underflow float32
@@ -99,6 +101,6 @@ def clip_by_global_norm(
         new_state = ClipByGlobalNormState(
             grad_norm=norm.astype(state.grad_norm.dtype), scale=s.astype(state.scale.dtype)
         )
-        return tu.scale(updates, s), new_state
+        return tu.scale(updates, s, hints), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

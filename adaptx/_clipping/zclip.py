@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
+from adaptx._core import hints as hints_lib
 from adaptx._core import running_stats, validate
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
@@ -232,7 +233,8 @@ def zclip(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
+        hints = hints_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         f32 = jnp.float32
         a = tu.as_scalar(alpha, f32)
@@ -294,7 +296,7 @@ def zclip(
             num_clipped=tu.count_if(clipped, state.num_clipped),
             num_skipped=tu.count_if(skipped, state.num_skipped),
         )
-        out = tu.scale(updates, s)
+        out = tu.scale(updates, s, None if skip_on_spike else hints)
         if skip_on_spike:
             # Exact zeros even for inf gradients (inf * 0 would be NaN).
             out = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), out)

@@ -130,12 +130,19 @@ def global_norm(tree: Tree, axis_name: Any = None) -> jax.Array:
     return jnp.sqrt(sq)
 
 
-def scale(tree: Tree, s: jax.Array) -> Tree:
-    """Multiplies every leaf by the scalar ``s``, in float32 or wider, keeping each leaf's dtype."""
+def scale(tree: Tree, s: jax.Array, hints: Any = None) -> Tree:
+    """Multiplies every leaf by the scalar ``s``, in float32 or wider, keeping each leaf's dtype.
+
+    With ``hints`` (an ``adaptx._core.hints.ScaleHints``), each result is recorded as
+    ``s`` times its input, for the transforms after this one.
+    """
 
     def f(x):
         acc = compute_dtype(x.dtype, s.dtype)
-        return (x.astype(acc) * s.astype(acc)).astype(x.dtype)
+        out = (x.astype(acc) * s.astype(acc)).astype(x.dtype)
+        if hints is not None:
+            hints.record(out, x, s)
+        return out
 
     return jax.tree.map(f, tree)
 

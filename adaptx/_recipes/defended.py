@@ -8,6 +8,7 @@ from typing import Any
 import optax
 
 from adaptx._clipping.zclip import zclip
+from adaptx._core import hints as hints_lib
 from adaptx._core import validate
 from adaptx._guards.guard import guard
 from adaptx._recipes.common import add_decayed_weights, check_learning_rate
@@ -206,6 +207,10 @@ def robust_adamw(
     * StableAdamW's update clipping bounds each tensor's step when its second
       moment under-estimates the gradient.
 
+    zclip tells Adam that its output is a scalar times the gradient, so the
+    update-RMS reduction reads the gradient itself and the step needs no full-size
+    temporary (the numbers are those of the plain chain, to rounding).
+
     A :math:`10^6\times` gradient spike after zclip's warm-up moves the parameters
     no more than a normal step. Every figure (pre-clip norm, threshold, z-score,
     skips, update clipping) is reported by :func:`adaptx.telemetry`.
@@ -256,7 +261,7 @@ def robust_adamw(
     _check_adam(fn, b1, b2, eps)
     if update_rms_clip is not None:
         validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
-    inner = optax.chain(
+    inner = hints_lib.hinted_chain(
         zclip(zclip_alpha, z_thresh, warmup_steps, max_norm=max_norm),
         scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
         *_decay_and_step(fn, learning_rate, weight_decay, mask),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import hints as hints_lib
 from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
@@ -220,6 +221,7 @@ def scale_by_adam(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         signal = skip_lib.from_extra_args(extra_args)
+        hints = hints_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu", shapes=True)
         f32 = jnp.float32
@@ -274,7 +276,15 @@ def scale_by_adam(
                 # bc2 * mean(g^2 / max(v, bc2 eps^2)): the same number, but the reduction
                 # reads v itself, so XLA does not write v_hat out as a temporary.
                 e_, bc2_ = e.astype(acc), bc2.astype(acc)
-                ratio = bc2_ * jnp.mean(g_ * (g_ / jnp.maximum(v_, bc2_ * (e_ * e_))))
+                floor = jnp.maximum(v_, bc2_ * (e_ * e_))
+                scaled = hints.lookup(g) if hints is not None else None
+                if scaled is not None and spike_threshold is None:
+                    # g = s * g0 from a clip before: s^2 mean(g0^2 / ...) reads g0 itself,
+                    # so XLA does not write s * g0 out (adaptx._core.hints).
+                    g0, s0 = scaled[0].astype(acc), scaled[1].astype(acc)
+                    ratio = (s0 * s0) * bc2_ * jnp.mean(g0 * (g0 / floor))
+                else:
+                    ratio = bc2_ * jnp.mean(g_ * (g_ / floor))
                 rms = jnp.sqrt(ratio).astype(f32)
                 u = u * (1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc)))
             if reset_interval is not None:
