@@ -708,7 +708,9 @@ def train(
             save_checkpoint(run_dir / "checkpoint", model)
         if config.plot and main_process:
             plot_run(history, epochs_log, run_dir / "training.png", config)
-        log(f"wrote {run_dir}/: metrics.jsonl, checkpoint/, training.png, results.json")
+        written = ["metrics.jsonl"] + ["checkpoint/"] * config.checkpoint
+        written += ["training.png"] * config.plot + ["results.json"]
+        log(f"wrote {run_dir}/: {', '.join(written)}")
     results.update(history=history, epochs=epochs_log, model=model)
     return results
 
