@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import data as data_lib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import train as train_lib  # noqa: E402
@@ -288,16 +287,7 @@ def main(argv=None) -> dict:
     base = train_lib.Config(**overrides, progress=False, out=args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    dataset = data_lib.load(
-        base.dataset,
-        base.data,
-        max_len=base.max_len,
-        vocab_size=base.vocab_size,
-        min_count=base.min_count,
-        split_seed=base.split_seed,
-        limit=base.limit,
-        bigrams=base.bigrams,
-    )
+    dataset = train_lib.load_data(base)
     steps_per_epoch = len(dataset.train) // base.batch_size
     total = args.steps or scenario.get("steps") or steps_per_epoch * base.epochs
     if total > steps_per_epoch * base.epochs:  # run as many epochs as the steps need

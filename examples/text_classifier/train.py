@@ -139,6 +139,20 @@ def build_model(
     )
 
 
+def load_data(config: Config) -> data_lib.TextData:
+    """The dataset ``config`` names, split and encoded as its fields say."""
+    return data_lib.load(
+        config.dataset,
+        config.data,
+        max_len=config.max_len,
+        vocab_size=config.vocab_size,
+        min_count=config.min_count,
+        split_seed=config.split_seed,
+        limit=config.limit,
+        bigrams=config.bigrams,
+    )
+
+
 def learning_rate(config: Config, total_steps: int) -> optax.Schedule:
     """Linear warm-up, then cosine decay to 10% over the planned number of steps."""
     warmup = min(config.warmup_steps, total_steps // 2)
@@ -522,16 +536,7 @@ def train(
     if not main_process:
         log = lambda *_: None  # noqa: E731
     if dataset is None:
-        dataset = data_lib.load(
-            config.dataset,
-            config.data,
-            max_len=config.max_len,
-            vocab_size=config.vocab_size,
-            min_count=config.min_count,
-            split_seed=config.split_seed,
-            limit=config.limit,
-            bigrams=config.bigrams,
-        )
+        dataset = load_data(config)
     n_dev = jax.device_count()
     batch_size = config.batch_size
     replicated, sharded = data_parallel(batch_size)  # checks batch_size % n_dev
