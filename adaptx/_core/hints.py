@@ -17,10 +17,10 @@ transform in between that changes the updates simply hides the hint.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import optax
+
+from adaptx._core.identity import IdentityRecord
 
 #: The extra-argument name under which :func:`hinted_chain` passes its :class:`ScaleHints`.
 KEY = "adaptx_scale_hints"
@@ -30,19 +30,15 @@ class ScaleHints:
     """Which arrays of this step are a scalar times another array."""
 
     def __init__(self):
-        # id(out) -> (out, g, s): the arrays are kept alive so their ids stay unique.
-        self._scaled: dict[int, tuple[Any, Any, Any]] = {}
+        self._scaled = IdentityRecord()  # out -> (g, s)
 
     def record(self, out: jax.Array, g: jax.Array, s: jax.Array) -> None:
         """Records that ``out`` is ``s * g`` (``s`` a scalar, ``out`` in ``g``'s dtype)."""
-        self._scaled[id(out)] = (out, g, s)
+        self._scaled.put(out, g, s)
 
     def lookup(self, x: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         """``(g, s)`` if ``x`` itself was recorded as ``s * g``, else ``None``."""
-        entry = self._scaled.get(id(x))
-        if entry is None or entry[0] is not x:
-            return None
-        return entry[1], entry[2]
+        return self._scaled.get(x)
 
 
 def from_extra_args(extra_args: dict) -> ScaleHints | None:

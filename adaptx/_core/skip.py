@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from adaptx._core.identity import IdentityRecord
+
 #: The extra-argument name under which ``guard`` passes its :class:`SkipSignal`.
 KEY = "adaptx_skip_signal"
 
@@ -41,17 +43,16 @@ class SkipSignal:
 
     def __init__(self, flag: jax.Array):
         self.flag = flag
-        # id(new) -> (new, old): the arrays are kept alive so their ids stay unique.
-        self._kept: dict[int, tuple[Any, Any]] = {}
+        self._kept = IdentityRecord()  # new -> (old,)
 
     def keep(self, old: Any, new: Any) -> None:
         """Records that ``new`` already equals ``old`` whenever the step is skipped."""
-        self._kept[id(new)] = (new, old)
+        self._kept.put(new, old)
 
     def handled(self, old: Any, new: Any) -> bool:
         """Whether ``new`` was recorded by :meth:`keep` against this very ``old``."""
-        entry = self._kept.get(id(new))
-        return entry is not None and entry[0] is new and entry[1] is old
+        facts = self._kept.get(new)
+        return facts is not None and facts[0] is old
 
     def select(self, old: Any, new: Any) -> Any:
         """``where(flag, old, new)``, unless ``new`` is already selected against ``old``."""
