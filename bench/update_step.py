@@ -16,7 +16,7 @@ state, params))`` of equivalent pipelines on several parameter trees:
   params) and 2000 leaves of 500 params (``--quick``: tiny versions of each).
 
 For every cell: the variants of one (tree, pipeline) are compiled, then run in
-interleaved rounds (each round runs every variant once, in rotated order), so machine
+interleaved rounds (each round runs every variant once, in a fresh random order), so machine
 noise hits all of them alike; ``block_until_ready`` stops each clock. Reported: median,
 min and max step time, the paired per-round ratio to optax, compile time measured
 apart (trace + lowering + XLA compile, from JAX's own monitoring events, and the
@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import threading
@@ -707,9 +708,12 @@ class CeilingVariant(Variant):
 def run_rounds(variants: list[Variant], reps: int, warmup: int) -> list[dict[str, float]]:
     """Interleaved rounds; returns the per-round times {impl: seconds} after warm-up."""
     rounds = []
+    # A fresh random order every round (seeded: runs are repeatable). Rotating one fixed
+    # order would keep each variant behind the same neighbour in every round, and a step
+    # runs slower right after one that allocated and freed a large buffer (optax's).
+    rng = random.Random(0)
     for r in range(warmup + reps):
-        k = r % len(variants)
-        order = variants[k:] + variants[:k]
+        order = rng.sample(variants, len(variants))
         times = {}
         with quiet():
             for v in order:

@@ -21,6 +21,11 @@ rounds, medians with min/max) and prints the kernels' traffic from the optimized
 * ``buffers``: ``p - lr * g`` on many small leaves, alone and with two more donated
   trees of the same shape passed through untouched (the moments of a per-leaf Adam
   state): what each argument buffer costs per call.
+* ``neighbour``: two copies of the same in-place clip + AdamW step on one leaf, each
+  timed right after optax's clip + AdamW step and right after its twin. Right after
+  optax's it is slower, so a benchmark that runs its variants in one fixed (or only
+  rotated) order penalises whichever always follows optax; ``update_step.py`` draws a
+  fresh order every round.
 * ``compile``: compile time on many small leaves of ``p - lr * g`` (the floor), of the
   same plus a global-norm clip with the norm summed leaf by leaf (as optax and adaptx
   do), and with the norm taken over one concatenation of the leaves.
@@ -29,7 +34,7 @@ rounds, medians with min/max) and prints the kernels' traffic from the optimized
     python bench/xla_cpu_effects.py --experiments compile --leaves 2000
 
 >>> sorted(EXPERIMENTS)
-['buffers', 'compile', 'guard', 'norm', 'rms', 'temporaries']
+['buffers', 'compile', 'guard', 'neighbour', 'norm', 'rms', 'temporaries']
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -71,8 +77,10 @@ def _race(variants: dict, reps: int, warmup: int = 3) -> dict:
     """variants: name -> (callable(state) -> state, state). Interleaved rounds."""
     states = {k: s for k, (_, s) in variants.items()}
     times = {k: [] for k in variants}
+    rng = random.Random(0)  # a fresh order every round: see the ``neighbour`` experiment
     for r in range(warmup + reps):
-        for k, (f, _) in variants.items():
+        for k in rng.sample(list(variants), len(variants)):
+            f = variants[k][0]
             t0 = time.perf_counter()
             states[k] = f(states[k])
             jax.block_until_ready(states[k])
@@ -217,6 +225,58 @@ def _adam_race(make, modes, n: int, reps: int) -> dict:
     return {"elements": n, "times": times, "hlo": traffic, "max_abs_diff_vs_first": diff}
 
 
+def neighbour(n: int, reps: int, warmup: int = 3) -> dict:
+    """Clip + AdamW on one leaf, timed right after optax's step and right after its twin."""
+    import optax  # the bench extra
+
+    g = jnp.asarray(np.random.default_rng(0).standard_normal(n, dtype=np.float32) * 1e-3)
+
+    def adamw(state, g):
+        p, c, m, v = state
+        c = c + 1
+        t = c.astype(jnp.float32)
+        g = g * jnp.minimum(1.0, 1.0 / jnp.sqrt(jnp.sum(g * g)))
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        u = (m / (1 - B1**t)) / (jnp.sqrt(v / (1 - B2**t)) + EPS)
+        return p - LR * (u + WD * p), c, m, v
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, B1, B2, EPS, weight_decay=WD))
+
+    def optax_step(state, g):
+        p, s = state
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    fns = {
+        "optax": jax.jit(optax_step, donate_argnums=0),
+        "A": jax.jit(adamw, donate_argnums=0),
+        "B": jax.jit(adamw, donate_argnums=0),
+    }
+    p0 = jnp.ones(n)
+    states = {
+        "optax": (p0, tx.init(p0)),
+        "A": (jnp.ones(n), jnp.zeros([], jnp.int32), jnp.zeros(n), jnp.zeros(n)),
+        "B": (jnp.ones(n), jnp.zeros([], jnp.int32), jnp.zeros(n), jnp.zeros(n)),
+    }
+    after = {f"{k} after {w}": [] for k in ("A", "B") for w in ("optax", "its twin")}
+    for r in range(warmup + reps):
+        order = ["optax", "A", "B"] if r % 2 else ["optax", "B", "A"]
+        for i, k in enumerate(order):
+            t0 = time.perf_counter()
+            states[k] = fns[k](states[k], g)
+            jax.block_until_ready(states[k])
+            if r >= warmup and k != "optax":
+                after[f"{k} after {'optax' if i == 1 else 'its twin'}"].append(
+                    time.perf_counter() - t0
+                )
+    times = {
+        k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v)}
+        for k, v in after.items()
+    }
+    return {"elements": n, "times": times}
+
+
 def compile_times(leaves: int, size: int = 500) -> dict:
     params = [jnp.ones((size,)) for _ in range(leaves)]
     grads = [jnp.ones((size,)) for _ in range(leaves)]
@@ -264,6 +324,7 @@ EXPERIMENTS = {
     "norm": lambda a: norms(a.size, a.reps),
     "buffers": lambda a: buffers(a.leaves, a.reps),
     "compile": lambda a: compile_times(a.leaves),
+    "neighbour": lambda a: neighbour(a.size, a.reps),
 }
 
 

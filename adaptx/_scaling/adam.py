@@ -251,18 +251,26 @@ def scale_by_adam(
                 m_ = m_ * keep.astype(acc)
                 v_ = v_ * keep.astype(acc)
             g_sq = g_ * g_
-            if spike_threshold is not None:
-                bound_sq = theta.astype(acc) * v_
+            if spike_threshold is None:
+                m_ = (1 - b1_) * g_ + b1_ * m_
+                v_ = (1 - b2_) * g_sq + b2_ * v_
+            else:
+                theta_ = theta.astype(acc)
                 # An element with no second-moment history (v = 0: never seen a nonzero
                 # gradient, e.g. an embedding row) has no reference and is not clipped.
-                is_spike = spike_on & (v_ > 0) & (g_sq > bound_sq)
-                # The clipped square is the bound itself: the square root is then needed
-                # by the first moment only, so XLA fuses it there instead of writing it out.
-                g_sq = jnp.where(is_spike, bound_sq, g_sq)
-                g_ = jnp.where(is_spike, jnp.sign(g_) * jnp.sqrt(bound_sq), g_)
-                n_spikes = jnp.sum(is_spike, dtype=jnp.int32)
-            m_ = (1 - b1_) * g_ + b1_ * m_
-            v_ = (1 - b2_) * g_sq + b2_ * v_
+                # The mask is written out once (one byte per element): the count and
+                # both moments read it, so no kernel needs v_{t-1} after v is updated in
+                # place, and XLA does not copy v.
+                is_spike = jax.lax.optimization_barrier(spike_on & (v_ > 0) & (g_sq > theta_ * v_))
+                n_spikes = _count_true(is_spike)
+                # A clipped element enters v as its bound theta v_{t-1}, so then
+                # v_t = (b2 + (1 - b2) theta) v_{t-1}, and the bound the first moment
+                # needs, sqrt(theta v_{t-1}), is sqrt(theta v_t / (b2 + (1 - b2) theta)).
+                v_ = (1 - b2_) * jnp.where(is_spike, theta_ * v_, g_sq) + b2_ * v_
+                grow = b2_ + (1 - b2_) * theta_
+                bound = jnp.sqrt(theta_ * (v_ / grow))
+                g_ = jnp.where(is_spike, jnp.sign(g_) * bound, g_)
+                m_ = (1 - b1_) * g_ + b1_ * m_
             # Inside a guard, a skipped step keeps the old moments (adaptx._core.skip).
             m_, v_ = skip_lib.hold(signal, m, m_), skip_lib.hold(signal, v, v_)
             m_hat = k_mu.astype(acc) * m_
@@ -312,6 +320,18 @@ def scale_by_adam(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _count_true(mask: jax.Array, row: int = 64) -> jax.Array:
+    """Number of true entries of a boolean array, as int32.
+
+    Summed first in rows of ``row`` elements in int8 (no row sum can overflow), then the
+    row sums in int32. XLA:CPU writes a widened copy of the mask before reducing it; this
+    way the copy has one byte per element rather than four.
+    """
+    if mask.size % row:
+        return jnp.sum(mask, dtype=jnp.int32)
+    return jnp.sum(jnp.sum(mask.reshape(-1, row), axis=1, dtype=jnp.int8), dtype=jnp.int32)
 
 
 def _spam_schedule(
