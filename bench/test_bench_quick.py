@@ -57,7 +57,7 @@ def test_update_step_quick(tmp_path):
     ok = [c for c in res["cells"] if c["status"] == "ok"]
     seen = {(c["tree"], c["pipeline"], c["impl"]) for c in ok}
     for tree in res["trees"]:
-        for impl in ("optax", "adaptx", "jax", "packed"):
+        for impl in ("optax", "adaptx", "jax", "adaptx-packed"):
             assert (tree, "clip+adamw", impl) in seen
         if "robust_adamw" in meta["recipes_available"]:
             for impl in ("optax", "adaptx", "adaptx-base"):

@@ -35,6 +35,17 @@ CASES = {
     "momentum_nesterov": (functools.partial(adaptx.momentum, nesterov=True), {"decay": 0.8}),
     "ema": (adaptx.ema, {"decay": 0.8}),
     "adamw": (adaptx.adamw, {"learning_rate": 1e-2, "weight_decay": 1e-2}),
+    # Leaves of <= 8 elements (the biases and scales below) share flat moment buffers.
+    "adamw_packed": (
+        functools.partial(adaptx.adamw, pack_small_leaves=8),
+        {"learning_rate": 1e-2, "weight_decay": 1e-2},
+    ),
+    "scale_by_adam_spam_packed": (
+        functools.partial(
+            adaptx.scale_by_adam, spike_threshold=2.0, spike_start=1, pack_small_leaves=8
+        ),
+        {"b1": 0.8},
+    ),
     "sgd": (adaptx.sgd, {"learning_rate": 1e-2, "momentum": 0.5}),
 }
 
@@ -182,7 +193,11 @@ def test_inject_hyperparams_matches_direct(name):
     if not kw:
         pytest.skip("no float hyperparameters")
     direct, _, _ = run(make(name), params_tree())
-    injected, state, _ = run(optax.inject_hyperparams(factory)(**kw), params_tree())
+    # pack_small_leaves sizes buffers: it must stay a Python int, not an injected array.
+    static = ("pack_small_leaves",) if "packed" in name else ()
+    injected, state, _ = run(
+        optax.inject_hyperparams(factory, static_args=static)(**kw), params_tree()
+    )
     for a, b in zip(direct, injected, strict=True):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8), a, b)
     assert set(kw) <= set(state.hyperparams)

@@ -91,6 +91,29 @@ def check_decay(fn: str, name: str, value: Any, example: str = "0.9") -> None:
     check_range(fn, name, value, low=0.0, high=1.0, high_inclusive=False, example=example)
 
 
+def static_int(
+    fn: str, name: str, value: Any, *, low: int = 0, allow_none: bool = False, example: str = "1"
+) -> int | None:
+    """An integer hyperparameter that shapes arrays, as a Python ``int`` (or ``None``).
+
+    A concrete integer array is converted (``optax.inject_hyperparams`` passes numbers
+    as arrays); a traced one cannot size a buffer and is refused with a hint.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{fn}: `{name}` sizes the state's buffers and cannot be traced, got {name}={value!r}. "
+            f"Pass a Python integer (with optax.inject_hyperparams, list it in static_args)."
+        )
+    if isinstance(value, jax.Array | np.ndarray | np.integer):
+        arr = np.asarray(value)
+        if arr.ndim == 0 and arr.dtype.kind in "iu":
+            value = int(arr)
+    check_int(fn, name, value, low=low, allow_none=allow_none, example=example)
+    return value
+
+
 def check_int(
     fn: str,
     name: str,

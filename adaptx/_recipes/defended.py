@@ -103,6 +103,7 @@ def spam(
     reset_warmup: int = 150,
     spike_start: int = 20,
     mask: Mask = None,
+    pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SPAM: Adam with spike-aware clipping and periodic momentum reset.
 
@@ -133,6 +134,8 @@ def spam(
       reset_warmup: :math:`W`, warm-up steps after each reset.
       spike_start: steps before spike clipping starts, and after each reset.
       mask: which parameters are decayed.
+      pack_small_leaves: keep the moments of leaves with at most this many elements
+        in flat buffers; see :func:`adaptx.scale_by_adam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -162,6 +165,7 @@ def spam(
             reset_interval=reset_interval,
             reset_warmup=reset_warmup,
             spike_start=spike_start,
+            pack_small_leaves=pack_small_leaves,
         ),
         *_decay_and_step(fn, learning_rate, weight_decay, mask),
     )
