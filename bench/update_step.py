@@ -231,8 +231,10 @@ def _optax_clip_adamw():
     )
 
 
-def _call_recipe(name: str):
+def _call_recipe(name: str, **kwargs):
     fn = getattr(adaptx, name)
+    if kwargs:
+        return fn(LR, weight_decay=WD, **kwargs)
     if name == "guard":
         return fn(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM))
     if name == "zclip":
@@ -321,6 +323,11 @@ def jax_variants(pipeline: str, n_leaves: int, impls) -> dict[str, tuple[str, Ca
         desc, factory = NEAREST_OPTAX[pipeline]
         out["optax"] = (desc, lambda: _optax_step(factory()))
         out["adaptx"] = (pipeline, lambda: _optax_step(_call_recipe(pipeline)))
+        if n_leaves > 1 and pipeline in ("robust_adamw", "stable_adamw", "spam"):
+            out["adaptx-packed"] = (
+                f"{pipeline}(pack_small_leaves={PACK})",
+                lambda: _optax_step(_call_recipe(pipeline, pack_small_leaves=PACK)),
+            )
         plain = (
             "adamw(max_norm=1): clip + AdamW, no defenses",
             lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)),

@@ -40,6 +40,10 @@ CASES = {
         functools.partial(adaptx.adamw, pack_small_leaves=8),
         {"learning_rate": 1e-2, "weight_decay": 1e-2},
     ),
+    "robust_adamw_packed": (
+        functools.partial(adaptx.robust_adamw, pack_small_leaves=8),
+        {"learning_rate": 1e-2},
+    ),
     "scale_by_adam_spam_packed": (
         functools.partial(
             adaptx.scale_by_adam, spike_threshold=2.0, spike_start=1, pack_small_leaves=8

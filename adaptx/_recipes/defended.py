@@ -43,6 +43,7 @@ def stable_adamw(
     *,
     update_rms_clip: float = 1.0,
     mask: Mask = None,
+    pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""StableAdamW: AdamW with per-tensor update clipping instead of gradient clipping.
 
@@ -66,6 +67,8 @@ def stable_adamw(
       weight_decay: :math:`\lambda \ge 0`, decoupled weight decay.
       update_rms_clip: :math:`d > 0`.
       mask: which parameters are decayed (tree of booleans or a function of params).
+      pack_small_leaves: keep the moments of leaves with at most this many elements
+        in flat buffers; see :func:`adaptx.scale_by_adam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -86,7 +89,9 @@ def stable_adamw(
     _check_adam(fn, b1, b2, eps)
     validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
     return optax.chain(
-        scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
+        scale_by_adam(
+            b1, b2, eps, update_rms_clip=update_rms_clip, pack_small_leaves=pack_small_leaves
+        ),
         *_decay_and_step(fn, learning_rate, weight_decay, mask),
     )
 
@@ -187,6 +192,7 @@ def robust_adamw(
     spike_z: float | None = None,
     max_consecutive_skips: int | None = None,
     mask: Mask = None,
+    pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW with every defense on: skip bad steps, clip spikes adaptively, clip updates.
 
@@ -235,6 +241,8 @@ def robust_adamw(
       spike_z: additionally skip steps whose norm has a z-score above this.
       max_consecutive_skips: let a spike through after this many skips in a row.
       mask: which parameters are decayed.
+      pack_small_leaves: keep the moments of leaves with at most this many elements
+        in flat buffers; see :func:`adaptx.scale_by_adam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -267,7 +275,9 @@ def robust_adamw(
         validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
     inner = hints_lib.hinted_chain(
         zclip(zclip_alpha, z_thresh, warmup_steps, max_norm=max_norm),
-        scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
+        scale_by_adam(
+            b1, b2, eps, update_rms_clip=update_rms_clip, pack_small_leaves=pack_small_leaves
+        ),
         *_decay_and_step(fn, learning_rate, weight_decay, mask),
     )
     return guard(

@@ -145,8 +145,8 @@ def scale_by_adam(
     the state. The numbers are the same as without packing; on a tree of hundreds or
     thousands of small leaves the step compiles several times faster and carries two
     state buffers instead of two per leaf. The updates still come back as a tree
-    shaped like the gradients. Per-tensor statistics (``update_rms_clip``) cannot be
-    taken over a packed buffer, so the two are exclusive. Leaves larger than
+    shaped like the gradients. With ``update_rms_clip``, each packed tensor's RMS is
+    reduced over its own slices of the flat buffers. Leaves larger than
     :math:`k` keep their own buffers, and so does a leaf that ``init`` sees sharded
     across devices (concatenating it would gather it); under ``jit`` with automatic
     sharding ``init`` cannot see that, so call it outside ``jit`` or under
@@ -227,13 +227,6 @@ def scale_by_adam(
     pack_small_leaves = validate.static_int(
         fn, "pack_small_leaves", pack_small_leaves, low=1, allow_none=True, example="65536"
     )
-    if pack_small_leaves is not None and update_rms_clip is not None:
-        raise ValueError(
-            f"{fn}: `pack_small_leaves` cannot be combined with `update_rms_clip` (a "
-            f"per-tensor statistic, which a packed buffer does not keep apart), got "
-            f"pack_small_leaves={pack_small_leaves!r} and update_rms_clip={update_rms_clip!r}. "
-            "Pass pack_small_leaves=None."
-        )
     mu_dtype = tu.canonical_dtype(mu_dtype)
     nu_dtype = tu.canonical_dtype(nu_dtype)
     guarded = any(x is not None for x in (spike_threshold, reset_interval, update_rms_clip))
@@ -290,7 +283,21 @@ def scale_by_adam(
         theta = tu.as_scalar(spike_threshold if spike_threshold is not None else 0.0, f32)
         d = tu.as_scalar(update_rms_clip if update_rms_clip is not None else 1.0, f32)
 
-        def leaf(g, m, v):
+        def floor_of(v_, acc):  # max(v, bc2 eps^2): see the update-RMS comment below
+            e_, bc2_ = e.astype(acc), bc2.astype(acc)
+            return jnp.maximum(v_, bc2_ * (e_ * e_))
+
+        def clip_factor(rms, acc):
+            return 1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc))
+
+        def piece_rms(g, v):
+            """StableAdamW's RMS ratio of one tensor, from its gradient and new v (in acc)."""
+            acc = tu.compute_dtype(g.dtype, v.dtype)
+            g_ = g.astype(acc)
+            ratio = bc2.astype(acc) * jnp.mean(g_ * (g_ / floor_of(v.astype(acc), acc)))
+            return jnp.sqrt(ratio).astype(f32)
+
+        def leaf(g, m, v, per_tensor=True):
             acc = tu.compute_dtype(g.dtype, m.dtype, v.dtype)
             g_, m_, v_ = g.astype(acc), m.astype(acc), v.astype(acc)
             b1_, b2_ = c1.astype(acc), c2.astype(acc)
@@ -327,12 +334,12 @@ def scale_by_adam(
             v_hat = v_ * inv_bc2.astype(acc)
             u = m_hat / (jnp.sqrt(v_hat + e_root.astype(acc)) + e.astype(acc))
             rms = jnp.zeros([], f32)
-            if update_rms_clip is not None:
+            if update_rms_clip is not None and per_tensor:
                 # mean(g^2 / max(v_hat, eps^2)) with v_hat = v / bc2, written as
                 # bc2 * mean(g^2 / max(v, bc2 eps^2)): the same number, but the reduction
                 # reads v itself, so XLA does not write v_hat out as a temporary.
-                e_, bc2_ = e.astype(acc), bc2.astype(acc)
-                floor = jnp.maximum(v_, bc2_ * (e_ * e_))
+                bc2_ = bc2.astype(acc)
+                floor = floor_of(v_, acc)
                 scaled = hints.lookup(g) if hints is not None else None
                 if scaled is not None and spike_threshold is None:
                     # g = s * g0 from a clip before: s^2 mean(g0^2 / ...) reads g0 itself,
@@ -342,19 +349,27 @@ def scale_by_adam(
                 else:
                     ratio = bc2_ * jnp.mean(g_ * (g_ / floor))
                 rms = jnp.sqrt(ratio).astype(f32)
-                u = u * (1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc)))
+                u = u * clip_factor(rms, acc)
             if reset_interval is not None:
                 u = u * warm.astype(acc)
             u = skip_lib.silence(signal, u)
             m_ = skip_lib.kept(signal, m, tu.to_storage(m_, m.dtype))
+            v_held = v_
             v_ = skip_lib.kept(signal, v, tu.to_storage(v_, v.dtype))
-            return (u.astype(g.dtype), m_, v_, n_spikes, rms)
+            # A packed buffer's update is scaled per tensor later: keep it in acc until then,
+            # and hand over v in acc too (its per-tensor RMS reads it, as the one above does).
+            if update_rms_clip is not None and not per_tensor:
+                return (u, m_, v_, n_spikes, rms, v_held)
+            return (u.astype(g.dtype), m_, v_, n_spikes, rms, None)
 
         if packed:
-            u, mu, nu, spikes, rms = _packed_update(leaf, updates, state, hints)
+            per_tensor = None
+            if update_rms_clip is not None:
+                per_tensor = (piece_rms, clip_factor, signal)
+            u, mu, nu, spikes, rms = _packed_update(leaf, updates, state, hints, per_tensor)
         else:
             out = jax.tree.map(leaf, updates, state.mu, state.nu)
-            u, mu, nu, spikes, rms = tu.unzip(out, updates, 5)
+            u, mu, nu, spikes, rms, _ = tu.unzip(out, updates, 6)
         starts = tuple(skip_lib.kept(signal, o, o) for o in state.offsets)
         if not guarded:
             return u, ScaleByAdamState(count=count, mu=mu, nu=nu, offsets=starts)
@@ -375,22 +390,27 @@ def scale_by_adam(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _packed_update(leaf, updates, state, hints):
+def _packed_update(leaf, updates, state, hints, per_tensor=None):
     """``leaf`` over the flat buffers and big leaves of a packed state.
 
+    ``per_tensor``: ``(piece_rms, clip_factor, signal)`` when StableAdamW's update
+    clipping is on. Each packed tensor's RMS ratio is then reduced over its own slices of
+    the flat gradient and second moment (one kernel shared by all leaves of a shape),
+    and its update is scaled as it is cut out of the flat update.
+
     Returns the update as a tree shaped like ``updates``, the new packed moments, and the
-    per-buffer spike counts and RMS values.
+    spike counts (per buffer) and RMS values (per tensor).
     """
     layout = state.mu.layout
     g_flats, g_bigs = packing.pack(layout, updates, hints)
     grads = g_flats + g_bigs
+    n = len(g_flats)
     outs = [
-        leaf(g, m, v)
-        for g, m, v in zip(
-            grads, state.mu.flats + state.mu.bigs, state.nu.flats + state.nu.bigs, strict=True
+        leaf(g, m, v, per_tensor=k >= n)
+        for k, (g, m, v) in enumerate(
+            zip(grads, state.mu.flats + state.mu.bigs, state.nu.flats + state.nu.bigs, strict=True)
         )
     ]
-    n = len(g_flats)
     # The flat updates are written out once; without the barrier XLA fuses their whole
     # computation (the concatenation included) into every leaf's slice, and each of those
     # kernels becomes a distinct and large one.
@@ -398,10 +418,33 @@ def _packed_update(leaf, updates, state, hints):
     u_bigs = tuple(o[0] for o in outs[n:])
     leaves, treedef = jax.tree.flatten(updates)
     dtypes = tuple(jnp.result_type(x) for x in leaves)
-    u = packing.unpack(layout, u_flats, u_bigs, state.offsets, dtypes, treedef)
+    cut = list(dtypes)
+    if per_tensor is not None:  # cut out in the flat update's own (compute) dtype
+        for k, group in enumerate(layout.groups):
+            for i in group:
+                cut[i] = u_flats[k].dtype
+    u = packing.unpack(layout, u_flats, u_bigs, state.offsets, tuple(cut), treedef)
     mu = packing.PackedTree([o[1] for o in outs[:n]], [o[1] for o in outs[n:]], layout)
     nu = packing.PackedTree([o[2] for o in outs[:n]], [o[2] for o in outs[n:]], layout)
-    return u, mu, nu, [o[3] for o in outs], [o[4] for o in outs]
+    rms = [o[4] for o in outs[n:]]
+    if per_tensor is not None:
+        piece_rms, clip_factor, signal = per_tensor
+        u_leaves = treedef.flatten_up_to(u)
+        starts = iter(state.offsets)
+        for k, group in enumerate(layout.groups):
+            for i in group:
+                start, size = next(starts), layout.size(i)
+                r = piece_rms(
+                    jax.lax.dynamic_slice(g_flats[k], (start,), (size,)),
+                    jax.lax.dynamic_slice(outs[k][5], (start,), (size,)),
+                )
+                rms.append(r)
+                x = u_leaves[i]
+                # silenced again: on a skipped (non-finite) step the factor may be NaN
+                scaled = skip_lib.silence(signal, x * clip_factor(r, x.dtype))
+                u_leaves[i] = scaled.astype(dtypes[i])
+        u = treedef.unflatten(u_leaves)
+    return u, mu, nu, [o[3] for o in outs], rms
 
 
 def _count_true(mask: jax.Array, row: int = 64) -> jax.Array:
