@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaptx._core import hints as hints_lib
@@ -290,12 +291,11 @@ def scale_by_adam(
         def clip_factor(rms, acc):
             return 1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc))
 
-        def piece_rms(g, v):
-            """StableAdamW's RMS ratio of one tensor, from its gradient and new v (in acc)."""
+        def ratio_terms(g, v):
+            """The elements of StableAdamW's mean, ``bc2 g^2 / max(v, bc2 eps^2)`` (new v)."""
             acc = tu.compute_dtype(g.dtype, v.dtype)
             g_ = g.astype(acc)
-            ratio = bc2.astype(acc) * jnp.mean(g_ * (g_ / floor_of(v.astype(acc), acc)))
-            return jnp.sqrt(ratio).astype(f32)
+            return bc2.astype(acc) * (g_ * (g_ / floor_of(v.astype(acc), acc)))
 
         def leaf(g, m, v, per_tensor=True):
             acc = tu.compute_dtype(g.dtype, m.dtype, v.dtype)
@@ -365,7 +365,7 @@ def scale_by_adam(
         if packed:
             per_tensor = None
             if update_rms_clip is not None:
-                per_tensor = (piece_rms, clip_factor, signal)
+                per_tensor = (ratio_terms, clip_factor, signal)
             u, mu, nu, spikes, rms = _packed_update(leaf, updates, state, hints, per_tensor)
         else:
             out = jax.tree.map(leaf, updates, state.mu, state.nu)
@@ -375,7 +375,13 @@ def scale_by_adam(
             return u, ScaleByAdamState(count=count, mu=mu, nu=nu, offsets=starts)
         spikes, rms = jax.tree.leaves(spikes), jax.tree.leaves(rms)
         zero_i, zero_f = jnp.zeros([], jnp.int32), jnp.zeros([], f32)
-        clipped = [(r > d).astype(jnp.int32) for r in rms] if update_rms_clip is not None else []
+        clipped = []
+        if update_rms_clip is not None:  # a packed buffer gives a vector, one per tensor
+            clipped = [
+                jnp.sum(r > d, dtype=jnp.int32) if r.ndim else (r > d).astype(jnp.int32)
+                for r in rms
+            ]
+        rms = [jnp.max(r) if r.ndim else r for r in rms]
         return u, ScaleByAdamGuardedState(
             count=count,
             mu=mu,
@@ -393,13 +399,14 @@ def scale_by_adam(
 def _packed_update(leaf, updates, state, hints, per_tensor=None):
     """``leaf`` over the flat buffers and big leaves of a packed state.
 
-    ``per_tensor``: ``(piece_rms, clip_factor, signal)`` when StableAdamW's update
-    clipping is on. Each packed tensor's RMS ratio is then reduced over its own slices of
-    the flat gradient and second moment (one kernel shared by all leaves of a shape),
-    and its update is scaled as it is cut out of the flat update.
+    ``per_tensor``: ``(ratio, clip_factor, signal)`` when StableAdamW's update clipping
+    is on. The per-element terms of every packed tensor's RMS are then summed by tensor
+    in one segment sum over the flat buffer, each tensor's factor is computed at once for
+    all of them, and the flat update is scaled element by element (a gather of the
+    factors) before the leaves are cut out of it: one kernel a leaf, as without clipping.
 
     Returns the update as a tree shaped like ``updates``, the new packed moments, and the
-    spike counts (per buffer) and RMS values (per tensor).
+    spike counts (per buffer) and RMS values (per big leaf, and a vector per buffer).
     """
     layout = state.mu.layout
     g_flats, g_bigs = packing.pack(layout, updates, hints)
@@ -411,39 +418,31 @@ def _packed_update(leaf, updates, state, hints, per_tensor=None):
             zip(grads, state.mu.flats + state.mu.bigs, state.nu.flats + state.nu.bigs, strict=True)
         )
     ]
-    # The flat updates are written out once; without the barrier XLA fuses their whole
-    # computation (the concatenation included) into every leaf's slice, and each of those
-    # kernels becomes a distinct and large one.
-    u_flats = tuple(jax.lax.optimization_barrier(o[0]) for o in outs[:n])
+    rms = [o[4] for o in outs[n:]]
+    u_flats = []
+    for k, group in enumerate(layout.groups):
+        u = outs[k][0]
+        if per_tensor is not None:
+            ratio, clip_factor, signal = per_tensor
+            sizes = np.array([layout.size(i) for i in group])
+            seg = jnp.asarray(np.repeat(np.arange(len(group), dtype=np.int32), sizes))
+            terms = ratio(g_flats[k], outs[k][5])  # g^2 / max(v, bc2 eps^2), elementwise
+            sums = jax.ops.segment_sum(terms, seg, len(group), indices_are_sorted=True)
+            r = jnp.sqrt(sums / jnp.asarray(sizes, sums.dtype)).astype(jnp.float32)
+            rms.append(r)
+            # silenced again: on a skipped (non-finite) step the factor may be NaN
+            u = skip_lib.silence(signal, u * clip_factor(r, u.dtype)[seg])
+            u = u.astype(g_flats[k].dtype)
+        # The flat update is written out once; without the barrier XLA fuses its whole
+        # computation (the concatenation included) into every leaf's slice, and each of
+        # those kernels becomes a distinct and large one.
+        u_flats.append(jax.lax.optimization_barrier(u))
     u_bigs = tuple(o[0] for o in outs[n:])
     leaves, treedef = jax.tree.flatten(updates)
     dtypes = tuple(jnp.result_type(x) for x in leaves)
-    cut = list(dtypes)
-    if per_tensor is not None:  # cut out in the flat update's own (compute) dtype
-        for k, group in enumerate(layout.groups):
-            for i in group:
-                cut[i] = u_flats[k].dtype
-    u = packing.unpack(layout, u_flats, u_bigs, state.offsets, tuple(cut), treedef)
+    u = packing.unpack(layout, tuple(u_flats), u_bigs, state.offsets, dtypes, treedef)
     mu = packing.PackedTree([o[1] for o in outs[:n]], [o[1] for o in outs[n:]], layout)
     nu = packing.PackedTree([o[2] for o in outs[:n]], [o[2] for o in outs[n:]], layout)
-    rms = [o[4] for o in outs[n:]]
-    if per_tensor is not None:
-        piece_rms, clip_factor, signal = per_tensor
-        u_leaves = treedef.flatten_up_to(u)
-        starts = iter(state.offsets)
-        for k, group in enumerate(layout.groups):
-            for i in group:
-                start, size = next(starts), layout.size(i)
-                r = piece_rms(
-                    jax.lax.dynamic_slice(g_flats[k], (start,), (size,)),
-                    jax.lax.dynamic_slice(outs[k][5], (start,), (size,)),
-                )
-                rms.append(r)
-                x = u_leaves[i]
-                # silenced again: on a skipped (non-finite) step the factor may be NaN
-                scaled = skip_lib.silence(signal, x * clip_factor(r, x.dtype))
-                u_leaves[i] = scaled.astype(dtypes[i])
-        u = treedef.unflatten(u_leaves)
     return u, mu, nu, [o[3] for o in outs], rms
 
 
