@@ -151,7 +151,9 @@ def scale_by_adam(
     :math:`k` keep their own buffers, and so does a leaf that ``init`` sees sharded
     across devices (concatenating it would gather it); under ``jit`` with automatic
     sharding ``init`` cannot see that, so call it outside ``jit`` or under
-    ``jax.set_mesh``.
+    ``jax.set_mesh``. Code that expects the moments shaped like the parameters (a
+    checkpoint of an unpacked state, ``optax.tree_map_params``) sees a ``PackedTree``;
+    ``state.mu.unpacked(state.offsets, params)`` gives the per-leaf view.
 
     Args:
       b1: decay :math:`\beta_1 \in [0, 1)` of the first moment.
