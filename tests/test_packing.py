@@ -161,7 +161,7 @@ def test_state_has_one_flat_buffer_per_dtype_and_an_offset_per_packed_leaf():
     ]
     assert [b.shape for b in mu.bigs] == [(40, 8)]  # the embedding (320) stays apart
     assert len(state.offsets) == 8
-    assert all(o.dtype == jnp.int32 and o.shape == () for o in state.offsets)
+    assert all(o.dtype == jnp.int32 and o.shape == (1,) for o in state.offsets)
 
 
 def test_unpacked_view_equals_the_per_leaf_state():

@@ -9,7 +9,7 @@ A transform that packs keeps the per-element state of every leaf with at most
 ``max_size`` elements in one flat buffer per dtype. Each step it concatenates those
 leaves' inputs once, runs its per-element update once over the flat buffers, and
 cuts each leaf's output back out with a dynamic slice at a runtime offset. The
-offsets are int32 scalars kept in the state: a slice at a constant offset would make
+offsets are int32 arrays kept in the state: a slice at a constant offset would make
 every leaf's output kernel a distinct computation for XLA to compile, whereas at a
 runtime offset all leaves of one shape share a single kernel. Larger leaves keep
 their own buffers and their own fused pass, since packing them would add a copy of
@@ -69,9 +69,9 @@ def is_sharded(x: Any) -> bool:
     A concrete array tells its sharding; a traced one only under explicit sharding
     (``jax.set_mesh``). Anything else counts as replicated.
     """
-    sharding = getattr(x, "sharding", None)
-    if sharding is not None and not isinstance(x, jax.core.Tracer):
-        return not sharding.is_fully_replicated
+    if not isinstance(x, jax.core.Tracer):  # (a tracer's .sharding raises, slowly)
+        sharding = getattr(x, "sharding", None)
+        return sharding is not None and not sharding.is_fully_replicated
     try:
         spec = jax.typeof(x).sharding.spec
     except (AttributeError, TypeError):
@@ -208,16 +208,18 @@ def zeros(layout: Layout, tree: Any, dtype: Any = None) -> PackedTree:
 
 
 def offsets(layout: Layout) -> tuple:
-    """Each packed leaf's start in its group's flat buffer: one int32 scalar per leaf.
+    """Each packed leaf's start in its group's flat buffer: one int32 array of shape [1] per leaf.
 
     Separate arrays (not one array sliced at constant indices), so that the per-leaf
-    slices stay identical computations that XLA compiles once.
+    slices stay identical computations that XLA compiles once. Shape [1] rather than a
+    scalar: a donated state's scalar outputs (counters) could otherwise be given these
+    buffers, and XLA would first copy every offset out of the way.
     """
     out = []
     for g in layout.groups:
         start = 0
         for i in g:
-            out.append(jnp.asarray(start, jnp.int32))
+            out.append(jnp.full([1], start, jnp.int32))
             start += layout.size(i)
     return tuple(out)
 
@@ -274,7 +276,7 @@ def unpack(
     it = iter(starts)
     for k, g in enumerate(layout.groups):
         for i in g:
-            piece = jax.lax.dynamic_slice(flats[k], (next(it),), (layout.size(i),))
+            piece = jax.lax.dynamic_slice(flats[k], (next(it)[0],), (layout.size(i),))
             out[i] = piece.reshape(layout.shapes[i]).astype(dtypes[i])
     for j, i in enumerate(layout.big):
         out[i] = bigs[j].astype(dtypes[i])

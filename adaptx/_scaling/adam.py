@@ -25,7 +25,7 @@ class ScaleByAdamState(NamedTuple):
         ``pack_small_leaves``, a ``PackedTree``: see :func:`scale_by_adam`).
       nu: second-moment estimate, one array per parameter, in ``nu_dtype`` (likewise).
       offsets: with ``pack_small_leaves``, each packed leaf's start in the flat
-        buffers (int32 scalars); empty otherwise.
+        buffers (int32 arrays of shape [1]); empty otherwise.
     """
 
     count: jax.Array
@@ -50,7 +50,7 @@ class ScaleByAdamGuardedState(NamedTuple):
       momentum_scale: SPAM's post-reset warm-up factor applied at the last step
         (float32; 1 outside a warm-up).
       offsets: with ``pack_small_leaves``, each packed leaf's start in the flat
-        buffers (int32 scalars); empty otherwise.
+        buffers (int32 arrays of shape [1]); empty otherwise.
     """
 
     count: jax.Array
