@@ -1334,6 +1334,31 @@ def _cell(results, tree, pipeline, impl):
     return None
 
 
+def speed_targets(add, tree, kind, limit, impl, cell, o):
+    """The step and compile targets for one implementation's clip + AdamW cell."""
+    if o:
+        r = cell["vs_optax"]
+        add(
+            f"{tree}: {impl} step <= {limit}x optax",
+            f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}] "
+            f"({cell['median_ms']:.2f} vs {o['median_ms']:.2f} ms)",
+            r["median"] <= limit,
+        )
+    if kind == "transformer" and o:
+        rc = cell["compile_s"] / o["compile_s"]
+        add(
+            f"{tree}: {impl} compile <= 0.1x optax",
+            f"{rc:.2f}x ({cell['compile_s']:.2f} vs {o['compile_s']:.2f} s)",
+            rc <= 0.1,
+        )
+    if kind == "many_small":
+        add(
+            f"{tree}: {impl} compile <= 2 s",
+            f"{cell['compile_s']:.2f} s",
+            cell["compile_s"] <= 2.0,
+        )
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """The issue's targets, checked on the clip+adamw pipeline (and the recipes)."""
     out = []
@@ -1347,52 +1372,18 @@ def evaluate_targets(results: dict) -> list[dict]:
         a = _cell(results, tree, "clip+adamw", "adaptx")
         o = _cell(results, tree, "clip+adamw", "optax")
         c = _cell(results, tree, "clip+adamw", "c")
-        if a and o:
-            r = a["vs_optax"]["median"]
+        if a:
+            speed_targets(add, tree, kind, limit, "adaptx", a, o)
+        if a and o and a.get("xla_peak_bytes") is not None and o.get("xla_peak_bytes") is not None:
+            d = a["xla_peak_bytes"] - o["xla_peak_bytes"]
             add(
-                f"{tree}: adaptx step <= {limit}x optax",
-                f"{r:.2f}x [{a['vs_optax']['min']:.2f}-{a['vs_optax']['max']:.2f}] "
-                f"({a['median_ms']:.2f} vs {o['median_ms']:.2f} ms)",
-                r <= limit,
+                f"{tree}: clip+adamw: adaptx peak memory <= optax's (XLA static)",
+                f"{a['xla_peak_bytes']:,} vs {o['xla_peak_bytes']:,} bytes ({d:+,})",
+                d <= MEMORY_SLACK,
             )
-            if kind == "transformer":
-                rc = a["compile_s"] / o["compile_s"]
-                add(
-                    f"{tree}: adaptx compile <= 0.1x optax",
-                    f"{rc:.2f}x ({a['compile_s']:.2f} vs {o['compile_s']:.2f} s)",
-                    rc <= 0.1,
-                )
-            if a.get("xla_peak_bytes") is not None and o.get("xla_peak_bytes") is not None:
-                d = a["xla_peak_bytes"] - o["xla_peak_bytes"]
-                add(
-                    f"{tree}: clip+adamw: adaptx peak memory <= optax's (XLA static)",
-                    f"{a['xla_peak_bytes']:,} vs {o['xla_peak_bytes']:,} bytes ({d:+,})",
-                    d <= MEMORY_SLACK,
-                )
-        if a and kind == "many_small":
-            add(f"{tree}: adaptx compile <= 2 s", f"{a['compile_s']:.2f} s", a["compile_s"] <= 2.0)
         ap = _cell(results, tree, "clip+adamw", "adaptx-packed")
         if ap and o and kind in ("transformer", "many_small"):
-            r = ap["vs_optax"]
-            add(
-                f"{tree}: adaptx-packed step <= {limit}x optax",
-                f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}] "
-                f"({ap['median_ms']:.2f} vs {o['median_ms']:.2f} ms)",
-                r["median"] <= limit,
-            )
-            if kind == "transformer":
-                rc = ap["compile_s"] / o["compile_s"]
-                add(
-                    f"{tree}: adaptx-packed compile <= 0.1x optax",
-                    f"{rc:.2f}x ({ap['compile_s']:.2f} vs {o['compile_s']:.2f} s)",
-                    rc <= 0.1,
-                )
-            else:
-                add(
-                    f"{tree}: adaptx-packed compile <= 2 s",
-                    f"{ap['compile_s']:.2f} s",
-                    ap["compile_s"] <= 2.0,
-                )
+            speed_targets(add, tree, kind, limit, "adaptx-packed", ap, o)
         if a and kind in ("single16", "single64"):
             if c:
                 r = a["vs_c"]["median"]
