@@ -15,6 +15,7 @@ from adaptx._clipping.agc import adaptive_grad_clip
 from adaptx._clipping.autoclip import AutoClipState, autoclip
 from adaptx._clipping.block_rms import ClipByBlockRmsState, clip_by_block_rms
 from adaptx._clipping.global_norm import ClipByGlobalNormState, clip_by_global_norm
+from adaptx._clipping.spike_clip import ClipSpikesState, clip_spikes
 from adaptx._clipping.value import clip_by_value
 from adaptx._clipping.zclip import ZClipState, zclip
 from adaptx._guards.guard import GuardState, guard
@@ -36,6 +37,7 @@ __all__ = (
     "AutoClipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
+    "ClipSpikesState",
     "DynamicLossScaleState",
     "EmaState",
     "GuardState",
@@ -52,6 +54,7 @@ __all__ = (
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
+    "clip_spikes",
     "dynamic_loss_scale",
     "ema",
     "guard",

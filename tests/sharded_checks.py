@@ -55,6 +55,7 @@ RTOL, ATOL = 2e-5, 1e-6
 SHARD_MAP_CHECKS = (
     "clip_by_global_norm",
     "zclip",
+    "clip_spikes",
     "autoclip",
     "adagc",
     "guard_nonfinite",
@@ -539,6 +540,11 @@ def _shard_map_checks():
             lambda ax: adaptx.zclip(warmup_steps=4, axis_name=ax),
             spiky,
             figures("zclip/grad_norm", "zclip/num_clipped", "zclip/threshold"),
+        ),
+        "shard_map/clip_spikes": lambda: check(
+            lambda ax: adaptx.clip_spikes(axis_name=ax),
+            spiky,
+            figures("clip_spikes/grad_norm", "clip_spikes/num_clipped", "clip_spikes/threshold"),
         ),
         "shard_map/autoclip": lambda: check(
             lambda ax: adaptx.autoclip(percentile=25.0, history=16, axis_name=ax),

@@ -51,6 +51,7 @@ CASES = {
         {"b1": 0.8},
     ),
     "sgd": (adaptx.sgd, {"learning_rate": 1e-2, "momentum": 0.5}),
+    "clip_spikes": (adaptx.clip_spikes, {"z_thresh": 3.0, "min_ratio": 2.0}),
 }
 
 # Transforms added by later modules join the battery when present.

@@ -182,7 +182,7 @@ def test_spike_update_clipped_adam_step_is_no_larger_than_a_normal_step(factor):
 @pytest.mark.parametrize("factor", FACTORS)
 def test_spike_robust_adamw_step_is_no_larger_than_a_normal_step(factor):
     """Bound: robust_adamw's parameter step at the spike is at most the largest normal
-    step, and the steps after it at most 1.5 times it (measured: about 1.0; zclip keeps
+    step, and the steps after it at most 1.5 times it (measured: about 1.0; clip_spikes keeps
     the spike out of Adam's moments, so nothing echoes)."""
     steps = spike_run(_robust_adamw, factor)
     sizes = np.array([s["size"] for s in steps])
@@ -190,7 +190,7 @@ def test_spike_robust_adamw_step_is_no_larger_than_a_normal_step(factor):
     assert sizes[SPIKE_AT] <= normal * (1 + 1e-6)
     assert sizes[SPIKE_AT + 1 :].max() <= 1.5 * normal
     figures = adaptx.telemetry(steps[SPIKE_AT]["after"])
-    assert int(figures["zclip/spike"]) == 1
+    assert int(figures["clip_spikes/spike"]) == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,9 +306,10 @@ def test_zero_gradients_give_finite_outputs_and_zero_updates_on_zero_params(name
     [
         lambda: adaptx.zclip(warmup_steps=3),
         lambda: adaptx.guard(optax.sgd(1.0), spike_z=3.0, spike_warmup=3),
-        lambda: adaptx.robust_adamw(1e-2, warmup_steps=3, spike_z=3.0),
+        lambda: adaptx.robust_adamw(1e-2, spike_z=3.0),
+        lambda: adaptx.clip_spikes(),
     ],
-    ids=["zclip", "guard_spike_z", "robust_adamw_spike_z"],
+    ids=["zclip", "guard_spike_z", "robust_adamw_spike_z", "clip_spikes"],
 )
 def test_a_warmup_of_zero_gradients_does_not_stall_the_run(make):
     """All-zero gradients first (frozen layers, a masked-out loss), then normal ones: the

@@ -36,6 +36,7 @@ def zclip_reference(
     mode="zscore",
     clip_option="adaptive_scaling",
     clip_factor=1.0,
+    skip_update_on_spike=False,
 ):
     """One dict per step: scale, spike, z, detection threshold, and the statistics after it."""
     buffer, mean, var, rows = [], None, None, []
@@ -69,8 +70,9 @@ def zclip_reference(
             if max_norm is not None:
                 bound = min(bound, max_norm)
             fed = clip_val if clip_val is not None else n
-            mean = alpha * mean + (1 - alpha) * fed
-            var = alpha * var + (1 - alpha) * (fed - mean) ** 2
+            if not (skip_update_on_spike and clip_val is not None):
+                mean = alpha * mean + (1 - alpha) * fed
+                var = alpha * var + (1 - alpha) * (fed - mean) ** 2
         row["scale"] = 1.0 if bound is None or n <= bound else bound / n
         row["mean"], row["var"] = mean, var
         rows.append(row)
@@ -85,6 +87,8 @@ CONFIGS = {
     "clip_factor": {"clip_factor": 0.8, "alpha": 0.9},
     "percentile": {"mode": "percentile", "z_thresh": 2.0},
     "max_norm": {"max_norm": 1.02, "warmup_steps": 10},
+    # The reference code's option: a spike is clipped, the statistics are left alone.
+    "skip_update_on_spike": {"skip_update_on_spike": True},
 }
 
 
@@ -257,9 +261,9 @@ def test_zero_gradients_give_zero_updates_and_finite_state():
     assert int(state.spike) == 0
 
 
-def test_skip_on_spike_zeroes_the_update_and_keeps_the_statistics_of_clipping():
+def test_zero_on_spike_zeroes_the_update_and_keeps_the_statistics_of_clipping():
     clip = adaptx.zclip(z_thresh=2.0, warmup_steps=2)
-    skip = adaptx.zclip(z_thresh=2.0, warmup_steps=2, skip_on_spike=True)
+    skip = adaptx.zclip(z_thresh=2.0, warmup_steps=2, zero_on_spike=True)
     _, clipped = clip.update(grads_with_norm(3.0), _after_warmup(clip))
     updates, skipped = skip.update(grads_with_norm(3.0), _after_warmup(skip))
     np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
@@ -273,8 +277,8 @@ def test_skip_on_spike_zeroes_the_update_and_keeps_the_statistics_of_clipping():
     assert int(state.num_skipped) == 1
 
 
-def test_skip_on_spike_gives_exact_zeros_for_infinite_gradients():
-    tx = adaptx.zclip(warmup_steps=2, skip_on_spike=True)
+def test_zero_on_spike_gives_exact_zeros_for_infinite_gradients():
+    tx = adaptx.zclip(warmup_steps=2, zero_on_spike=True)
     updates, state = tx.update(grads_with_norm(np.inf), _after_warmup(tx))
     np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
     assert int(state.spike) == 1
@@ -306,7 +310,7 @@ def test_counters_saturate():
     )
     _, state = tx.update(grads_with_norm(30.0), state)
     assert int(state.count) == top and int(state.num_clipped) == top
-    tx = adaptx.zclip(warmup_steps=2, skip_on_spike=True)
+    tx = adaptx.zclip(warmup_steps=2, zero_on_spike=True)
     _, state = tx.update(grads_with_norm(30.0), state)
     assert int(state.num_skipped) == top
 
@@ -365,7 +369,8 @@ def test_none_leaves_pass_through():
         ({"mode": "zscores"}, "mode"),
         ({"clip_option": "median"}, "clip_option"),
         ({"clip_factor": 0.0}, "clip_factor"),
-        ({"skip_on_spike": "yes"}, "skip_on_spike"),
+        ({"zero_on_spike": "yes"}, "zero_on_spike"),
+        ({"skip_update_on_spike": 1}, "skip_update_on_spike"),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_the_argument(kwargs, name):
@@ -439,7 +444,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
         mult = 50.0 if t in (7, 10) else 1.0
         grads_seq.append(jax.tree.map(lambda x: jnp.asarray(x * mult, jnp.float32), g))
 
-    for kwargs in [{}, {"mode": "percentile"}, {"skip_on_spike": True, "max_norm": 6.0}]:
+    for kwargs in [{}, {"mode": "percentile"}, {"zero_on_spike": True, "max_norm": 6.0}]:
         single = adaptx.zclip(warmup_steps=4, **kwargs)
         sharded = adaptx.zclip(warmup_steps=4, axis_name="x", **kwargs)
         s1 = single.init(grads_seq[0])

@@ -56,7 +56,7 @@ class ZClipState(NamedTuple):
       spike: 1 if the last step was detected as a spike, else 0 (int32).
       num_clipped: number of steps so far whose gradients were scaled down, by the
         adaptive threshold or by ``max_norm`` (int32, saturating).
-      num_skipped: number of steps so far zeroed by ``skip_on_spike`` (int32,
+      num_skipped: number of steps so far zeroed by ``zero_on_spike`` (int32,
         saturating).
     """
 
@@ -86,7 +86,8 @@ def zclip(
     mode: str = "zscore",
     clip_option: str = "adaptive_scaling",
     clip_factor: float | jax.Array = 1.0,
-    skip_on_spike: bool = False,
+    skip_update_on_spike: bool = False,
+    zero_on_spike: bool = False,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ZClip: clips the global norm when it is a statistical outlier of its recent history.
@@ -135,17 +136,21 @@ def zclip(
     :math:`z_{thr}\epsilon` above the mean is a spike, clipped to :math:`f\mu`
     (``adaptive_scaling``) or :math:`\mu` (``mean``).
 
+    ``skip_update_on_spike=True`` is the reference code's option of that name: a spike
+    is still clipped, but the statistics are left alone at that step (the spike does
+    not enter :math:`\mu, \sigma^2` at all, not even clipped).
+
     Where this implementation adds to the reference code:
 
-    * ``skip_on_spike=True`` returns zero updates on a spike instead of clipping
+    * ``zero_on_spike=True`` returns zero updates on a spike instead of clipping
       (``scale`` 0, ``num_skipped`` counts them). The statistics are updated
       exactly as when clipping, so a lasting rise in the norm is still absorbed
-      and a run cannot skip forever. (This is not the reference code's
-      ``skip_update_on_spike``, which clips and leaves the statistics alone.)
+      and a run cannot skip forever. (It is adaptx's own option, not the reference
+      code's ``skip_update_on_spike`` above.)
     * A non-finite norm leaves the statistics and ``count`` untouched (in the
       reference code one NaN would turn the mean into NaN for good) and does not
       count towards the warm-up. An ``inf`` norm after warm-up is a spike: scale 0,
-      or zero updates with ``skip_on_spike``; NaN gradients pass through. Wrap the
+      or zero updates with ``zero_on_spike``; NaN gradients pass through. Wrap the
       optimizer in :func:`adaptx.guard` to skip such steps.
     * So does a zero norm (an all-zero gradient: nothing to clip, passed through).
       Recorded, a warm-up of zero gradients (frozen layers, a masked-out loss)
@@ -174,7 +179,10 @@ def zclip(
         ``"adaptive_scaling"`` or ``"mean"``.
       clip_factor: :math:`f > 0`, multiplier of the ``adaptive_scaling``
         threshold. May be a tracer.
-      skip_on_spike: return zero updates on a spike instead of clipping.
+      skip_update_on_spike: as the reference code: on a spike, clip but leave the
+        statistics unchanged.
+      zero_on_spike: return zero updates on a spike instead of clipping (the
+        statistics are updated as when clipping).
       axis_name: under ``shard_map``/``pmap``, the mapped axis (or axes) the
         gradient tree is sharded over; the squared norm is summed across it, so
         every shard keeps the same statistics of the true global norm.
@@ -211,11 +219,14 @@ def zclip(
     validate.check_choice(fn, "mode", mode, _MODES)
     validate.check_choice(fn, "clip_option", clip_option, _CLIP_OPTIONS)
     validate.check_positive(fn, "clip_factor", clip_factor, example="1.0")
-    if not isinstance(skip_on_spike, bool):
-        raise ValueError(
-            f"{fn}: `skip_on_spike` must be a bool, got skip_on_spike={skip_on_spike!r}. "
-            "Pass e.g. skip_on_spike=True."
-        )
+    for name, flag in (
+        ("skip_update_on_spike", skip_update_on_spike),
+        ("zero_on_spike", zero_on_spike),
+    ):
+        if not isinstance(flag, bool):
+            raise ValueError(
+                f"{fn}: `{name}` must be a bool, got {name}={flag!r}. Pass e.g. {name}=True."
+            )
 
     def init_fn(params):
         del params
@@ -270,7 +281,7 @@ def zclip(
         s = jnp.where(spike, clip_scale(norm, clip_to), jnp.ones_like(norm))
         if max_norm is not None:
             s = jnp.minimum(s, clip_scale(norm, max_norm))
-        if skip_on_spike:
+        if zero_on_spike:
             skipped = spike
             s = jnp.where(skipped, jnp.zeros_like(s), s)
         else:
@@ -279,8 +290,9 @@ def zclip(
         # Statistics: running population moments during warm-up, then the EMA of
         # the clipped norm. Non-finite and zero norms are not recorded.
         fed = jnp.where(spike, clip_to, n)
+        keep = ~spike if skip_update_on_spike else jnp.ones([], bool)
         count, new_mean, new_var = running_stats.record(
-            state.count, mean, var, fed, alpha=a, warmup=n_warm, when=finite & (n > 0)
+            state.count, mean, var, fed, alpha=a, warmup=n_warm, when=finite & (n > 0) & keep
         )
 
         clipped = ~skipped & (s < 1)
@@ -296,8 +308,8 @@ def zclip(
             num_clipped=tu.count_if(clipped, state.num_clipped),
             num_skipped=tu.count_if(skipped, state.num_skipped),
         )
-        out = tu.scale(updates, s, None if skip_on_spike else hints)
-        if skip_on_spike:
+        out = tu.scale(updates, s, None if zero_on_spike else hints)
+        if zero_on_spike:
             # Exact zeros even for inf gradients (inf * 0 would be NaN).
             out = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), out)
         return out, new_state

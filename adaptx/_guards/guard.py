@@ -1,4 +1,4 @@
-"""Skip a step whose gradients are non-finite or a statistical spike."""
+"""Skip a step whose gradients or loss are non-finite or a statistical spike."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptx._core import running_stats, validate
+from adaptx._core import robust_stats, running_stats, validate
 from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
-OK, NONFINITE, SPIKE = 0, 1, 2
+#: Values of :attr:`GuardState.last_reason`.
+OK, NONFINITE, SPIKE, NONFINITE_LOSS, LOSS_SPIKE = 0, 1, 2, 3, 4
 
 
 @reports(
@@ -25,6 +26,10 @@ OK, NONFINITE, SPIKE = 0, 1, 2
     "forced",
     "norm_mean",
     "norm_var",
+    "loss",
+    "loss_mean",
+    "loss_std",
+    "loss_z",
 )
 class GuardState(NamedTuple):
     """State of :func:`guard`.
@@ -35,11 +40,16 @@ class GuardState(NamedTuple):
       grad_norm: global norm of the incoming gradients at the last step (float32).
       skipped: steps skipped so far (int32, saturating).
       consecutive: steps skipped in a row up to the last one (int32).
-      last_reason: why the last step was skipped: 0 not skipped, 1 non-finite,
-        2 spike (int32).
+      last_reason: why the last step was skipped (int32): 0 not skipped, 1 non-finite
+        gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss spike.
       forced: spikes let through because ``max_consecutive_skips`` was reached (int32).
       norm_mean: running mean of accepted gradient norms (float32).
       norm_var: running variance of accepted gradient norms (float32).
+      loss: the loss passed as ``value`` at the last step (float32; 0 without one).
+      loss_count: finite losses recorded in the loss statistics (int32).
+      loss_mean: running mean of the loss (float32), NaN-proof and winsorised.
+      loss_var: running variance of the loss (float32).
+      loss_z: z-score of the last step's loss against the statistics before it.
     """
 
     inner_state: optax.OptState
@@ -51,6 +61,78 @@ class GuardState(NamedTuple):
     forced: jax.Array
     norm_mean: jax.Array
     norm_var: jax.Array
+    loss: jax.Array
+    loss_count: jax.Array
+    loss_mean: jax.Array
+    loss_var: jax.Array
+    loss_z: jax.Array
+
+    @property
+    def loss_std(self) -> jax.Array:
+        """Running standard deviation of the loss."""
+        return jnp.sqrt(self.loss_var)
+
+
+class _LossVerdict(NamedTuple):
+    """What the guard concluded from the loss passed as ``value`` (see :func:`_judge_loss`)."""
+
+    nonfinite: jax.Array
+    spike: jax.Array
+    loss: jax.Array
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+    z: jax.Array
+
+
+def _read_loss(fn: str, extra_args: dict, loss_z: Any, axis_name: Any) -> jax.Array | None:
+    """The scalar loss passed as ``value=``, as float32, or ``None`` when there is none."""
+    value = extra_args.get("value")
+    if value is None:
+        if loss_z is not None:
+            raise ValueError(
+                f"{fn}: loss_z={loss_z!r} needs the loss, but no `value` was passed. "
+                "Call tx.update(grads, state, params, value=loss) "
+                "(or nnx_optimizer.update(model, grads, value=loss))."
+            )
+        return None
+    try:
+        v = jnp.asarray(value)
+    except TypeError:
+        v = None
+    if (
+        v is None
+        or v.ndim != 0
+        or not (jnp.issubdtype(v.dtype, jnp.floating) or v.dtype.kind in "iu")
+    ):
+        raise ValueError(
+            f"{fn}: `value` must be the scalar loss, got "
+            + (f"value={value!r}" if v is None else f"value of shape {v.shape}, dtype {v.dtype}")
+            + ". Pass e.g. value=loss where loss = jnp.mean(per_example_losses)."
+        )
+    v = v.astype(jnp.float32)
+    return v if axis_name is None else jax.lax.pmean(v, axis_name)
+
+
+def _judge_loss(loss: jax.Array | None, state: GuardState, loss_z: Any, alpha: Any) -> _LossVerdict:
+    """Non-finite and (with ``loss_z``) spike verdicts on the loss, and its new statistics."""
+    no = jnp.zeros([], bool)
+    if loss is None:
+        zero = jnp.zeros([], jnp.float32)
+        return _LossVerdict(no, no, zero, state.loss_count, state.loss_mean, state.loss_var, zero)
+    j = robust_stats.judge(
+        loss,
+        state.loss_count,
+        state.loss_mean,
+        state.loss_var,
+        z_thresh=jnp.inf if loss_z is None else loss_z,
+        min_gap=0.0,
+    )
+    count, mean, var = robust_stats.record(
+        state.loss_count, state.loss_mean, state.loss_var, j.fed, alpha=alpha, when=True
+    )
+    spike = j.outlier if loss_z is not None else no
+    return _LossVerdict(~jnp.isfinite(loss), spike, loss, count, mean, var, j.z)
 
 
 def guard(
@@ -61,6 +143,8 @@ def guard(
     max_consecutive_skips: int | None = None,
     spike_alpha: float | jax.Array = 0.97,
     spike_warmup: int = 25,
+    loss_z: float | jax.Array | None = None,
+    loss_alpha: float | jax.Array = 0.98,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a transformation so that bad steps are skipped, not applied.
@@ -81,6 +165,17 @@ def guard(
     all-zero gradient) is applied but not recorded: a warm-up of zeros would give
     :math:`\mu = \sigma = 0`, and every later gradient would be skipped as a spike.
 
+    **The loss.** Pass the step's loss in the optax extra-args convention,
+    ``tx.update(grads, state, params, value=loss)`` (as
+    ``optax.contrib.reduce_on_plateau`` takes it; with ``flax.nnx``,
+    ``optimizer.update(model, grads, value=loss)``). A non-finite loss is then skipped
+    like a non-finite gradient. With ``loss_z``, a loss more than ``loss_z`` standard
+    deviations above its running mean is skipped too; the statistics are NaN-proof and
+    winsorised (a non-finite loss is never recorded, a spike is recorded as the bound),
+    so one bad step cannot blind or sensitise the rule (see
+    :mod:`adaptx._core.robust_stats`). Without ``value`` everything else works the same;
+    ``loss_z`` without ``value`` is an error, so that the check cannot be lost silently.
+
     A skipped step returns zero updates and leaves the inner state bit-identical
     (no moment decay, no count increment), so parameters are untouched by
     ``optax.apply_updates``. Counters and the reason are kept in the state for
@@ -90,21 +185,25 @@ def guard(
     update, which keeps XLA's in-place update of that state (selecting around the
     finished update would copy it first); the guard selects every other leaf.
 
-    After ``max_consecutive_skips`` skipped steps in a row, the next spike is let
-    through and recorded in the statistics, so a lasting change in the gradient
-    scale cannot stall a run forever. Non-finite steps are always skipped:
+    After ``max_consecutive_skips`` skipped steps in a row, the next spike (of the
+    norm or of the loss) is let through and recorded in the statistics, so a lasting
+    change in scale cannot stall a run forever. Non-finite steps are always skipped:
     applying them would turn every parameter into NaN.
 
     Args:
       inner: the transformation to protect (typically a whole ``optax.chain``).
-      skip_nonfinite: skip steps whose gradients are not all finite.
+      skip_nonfinite: skip steps whose gradients (or loss) are not all finite.
       spike_z: :math:`z_{\max} > 0`; ``None`` disables spike skipping.
       max_consecutive_skips: after this many spike skips in a row, accept the
         next spike; ``None`` never forces a step through.
       spike_alpha: :math:`\alpha \in [0, 1)`, the EMA weight on the past.
       spike_warmup: accepted norms used for the initial statistics (>= 1).
+      loss_z: skip a step whose loss has a z-score above this (> 0); ``None`` disables
+        it. Needs ``value=loss`` at every update.
+      loss_alpha: weight on the past of the loss statistics, in [0, 1).
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are sharded
-        over; the norm is reduced across it so every shard makes the same decision.
+        over; the norm is reduced across it (and the loss averaged over it) so every
+        shard makes the same decision.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -118,9 +217,12 @@ def guard(
       >>> updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)
       >>> optax.apply_updates(params, updates)["w"]
       Array([1., 1.], dtype=float32)
-      >>> {k: int(v) for k, v in adaptx.telemetry(state).items() if k != "guard/grad_norm"}
-      {'guard/skipped': 1, 'guard/consecutive': 1, 'guard/last_reason': 1, 'guard/forced': 0,
-       'guard/norm_mean': 0, 'guard/norm_var': 0}
+      >>> figures = adaptx.telemetry(state)
+      >>> int(figures["guard/skipped"]), int(figures["guard/last_reason"])
+      (1, 1)
+      >>> _, state = tx.update({"w": jnp.ones(2)}, state, params, value=jnp.inf)
+      >>> int(adaptx.telemetry(state)["guard/last_reason"])  # a non-finite loss
+      3
 
     References:
       Micikevicius et al., `Mixed Precision Training
@@ -130,6 +232,96 @@ def guard(
       <https://arxiv.org/abs/2504.02507>`_, 2025 (z-score spike detection on the norm).
     """
     fn = "guard"
+    _check_guard_args(fn, inner, skip_nonfinite, spike_z, max_consecutive_skips, loss_z)
+    validate.check_range(
+        fn, "spike_alpha", spike_alpha, low=0.0, high=1.0, high_inclusive=False, example="0.97"
+    )
+    validate.check_int(fn, "spike_warmup", spike_warmup, low=1, traced_ok=True, example="25")
+    if loss_z is not None:
+        validate.check_positive(fn, "loss_z", loss_z, example="6.0")
+    validate.check_range(
+        fn, "loss_alpha", loss_alpha, low=0.0, high=1.0, high_inclusive=False, example="0.98"
+    )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        def scalar(dtype=jnp.float32):  # a buffer of its own: state may be donated
+            return jnp.zeros([], dtype)
+
+        return GuardState(
+            inner_state=inner.init(params),
+            count=scalar(jnp.int32),
+            grad_norm=scalar(),
+            skipped=scalar(jnp.int32),
+            consecutive=scalar(jnp.int32),
+            last_reason=scalar(jnp.int32),
+            forced=scalar(jnp.int32),
+            norm_mean=scalar(),
+            norm_var=scalar(),
+            loss=scalar(),
+            loss_count=scalar(jnp.int32),
+            loss_mean=scalar(),
+            loss_var=scalar(),
+            loss_z=scalar(),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        tu.check_float_leaves(fn, updates)
+        norm = tu.global_norm(updates, axis_name).astype(jnp.float32)
+        finite = jnp.isfinite(norm)
+        lv = _judge_loss(_read_loss(fn, extra_args, loss_z, axis_name), state, loss_z, loss_alpha)
+        no = jnp.zeros([], bool)
+        nonfinite = (~finite | lv.nonfinite) if skip_nonfinite else no
+        if spike_z is not None:
+            z = running_stats.zscore(norm, state.norm_mean, state.norm_var)
+            warmed = state.count >= jnp.asarray(spike_warmup).astype(jnp.int32)
+            norm_spike = finite & warmed & (z > tu.as_scalar(spike_z, jnp.float32))
+        else:
+            norm_spike = no
+        spike = norm_spike | lv.spike
+        if max_consecutive_skips is not None:
+            limit = jnp.asarray(max_consecutive_skips).astype(jnp.int32)
+            forced = spike & (state.consecutive >= limit)
+        else:
+            forced = no
+        skip = nonfinite | (spike & ~forced)
+        out, inner_state = _skip_inner(inner, updates, state, params, extra_args, skip)
+
+        count, mean, var = running_stats.record(
+            state.count,
+            state.norm_mean,
+            state.norm_var,
+            norm,
+            alpha=spike_alpha,
+            warmup=spike_warmup,
+            when=finite & (norm > 0) & ~(norm_spike & ~forced),
+        )
+        reason = jnp.select(
+            [~skip, ~finite & skip_nonfinite, lv.nonfinite & skip_nonfinite, norm_spike],
+            [OK, NONFINITE, NONFINITE_LOSS, SPIKE],
+            LOSS_SPIKE,
+        ).astype(jnp.int32)
+        return out, GuardState(
+            inner_state=inner_state,
+            count=count,
+            grad_norm=norm,
+            skipped=tu.count_if(skip, state.skipped),
+            consecutive=jnp.where(skip, tu.safe_increment(state.consecutive), 0).astype(jnp.int32),
+            last_reason=reason,
+            forced=tu.count_if(forced, state.forced),
+            norm_mean=mean,
+            norm_var=var,
+            loss=lv.loss,
+            loss_count=lv.count,
+            loss_mean=lv.mean,
+            loss_var=lv.var,
+            loss_z=lv.z,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_guard_args(fn, inner, skip_nonfinite, spike_z, max_consecutive_skips, loss_z) -> None:
     if not hasattr(inner, "init") or not hasattr(inner, "update"):
         raise ValueError(
             f"{fn}: `inner` must be an optax GradientTransformation, got inner={inner!r}. "
@@ -146,83 +338,34 @@ def guard(
         traced_ok=True,
         example="10",
     )
-    validate.check_range(
-        fn, "spike_alpha", spike_alpha, low=0.0, high=1.0, high_inclusive=False, example="0.97"
-    )
-    validate.check_int(fn, "spike_warmup", spike_warmup, low=1, traced_ok=True, example="25")
-    if not skip_nonfinite and spike_z is None:
+    if not isinstance(skip_nonfinite, bool):
         raise ValueError(
-            f"{fn}: nothing to guard against: skip_nonfinite=False and spike_z=None. "
+            f"{fn}: `skip_nonfinite` must be a bool, got skip_nonfinite={skip_nonfinite!r}. "
             "Pass e.g. skip_nonfinite=True."
         )
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        return GuardState(
-            inner_state=inner.init(params),
-            count=jnp.zeros([], jnp.int32),
-            grad_norm=jnp.zeros([], jnp.float32),
-            skipped=jnp.zeros([], jnp.int32),
-            consecutive=jnp.zeros([], jnp.int32),
-            last_reason=jnp.zeros([], jnp.int32),
-            forced=jnp.zeros([], jnp.int32),
-            norm_mean=jnp.zeros([], jnp.float32),
-            norm_var=jnp.zeros([], jnp.float32),
+    if not skip_nonfinite and spike_z is None and loss_z is None:
+        raise ValueError(
+            f"{fn}: nothing to guard against: skip_nonfinite=False, spike_z=None and "
+            "loss_z=None. Pass e.g. skip_nonfinite=True."
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        tu.check_float_leaves(fn, updates)
-        norm = tu.global_norm(updates, axis_name).astype(jnp.float32)
-        finite = jnp.isfinite(norm)
-        nonfinite = ~finite if skip_nonfinite else jnp.zeros([], bool)
-        if spike_z is not None:
-            z = running_stats.zscore(norm, state.norm_mean, state.norm_var)
-            warmed = state.count >= jnp.asarray(spike_warmup).astype(jnp.int32)
-            spike = finite & warmed & (z > tu.as_scalar(spike_z, jnp.float32))
-        else:
-            spike = jnp.zeros([], bool)
-        if max_consecutive_skips is not None:
-            limit = jnp.asarray(max_consecutive_skips).astype(jnp.int32)
-            forced = spike & (state.consecutive >= limit)
-        else:
-            forced = jnp.zeros([], bool)
-        skip = nonfinite | (spike & ~forced)
 
-        # adaptx transforms inside select their own full-size state in their fused
-        # update (see adaptx._core.skip); every other leaf is selected here. Select,
-        # never multiply: 0 * NaN is NaN. Inside another guard, the inner state is
-        # also kept when the outer one skips, so that one need not select it again.
-        outer = skip_lib.from_extra_args(extra_args)
-        signal = skip_lib.SkipSignal(skip if outer is None else skip | outer.flag)
-        extra_args = {**extra_args, skip_lib.KEY: signal}
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        inner_state = jax.tree.map(
-            lambda new, old: signal.select(old, new), new_inner, state.inner_state
-        )
-        if outer is not None:
-            jax.tree.map(outer.keep, state.inner_state, inner_state)
-        out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+def _skip_inner(inner, updates, state, params, extra_args, skip):
+    """Runs ``inner`` and returns (zero updates, old inner state) where ``skip`` holds.
 
-        count, mean, var = running_stats.record(
-            state.count,
-            state.norm_mean,
-            state.norm_var,
-            norm,
-            alpha=spike_alpha,
-            warmup=spike_warmup,
-            when=finite & (norm > 0) & ~(spike & ~forced),
-        )
-        reason = jnp.where(nonfinite, NONFINITE, jnp.where(skip, SPIKE, OK)).astype(jnp.int32)
-        return out, GuardState(
-            inner_state=inner_state,
-            count=count,
-            grad_norm=norm,
-            skipped=tu.count_if(skip, state.skipped),
-            consecutive=jnp.where(skip, tu.safe_increment(state.consecutive), 0).astype(jnp.int32),
-            last_reason=reason,
-            forced=tu.count_if(forced, state.forced),
-            norm_mean=mean,
-            norm_var=var,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    adaptx transforms inside select their own full-size state in their fused update
+    (see adaptx._core.skip); every other leaf is selected here. Select, never multiply:
+    0 * NaN is NaN. Inside another guard, the inner state is also kept when the outer
+    one skips, so that one need not select it again.
+    """
+    outer = skip_lib.from_extra_args(extra_args)
+    signal = skip_lib.SkipSignal(skip if outer is None else skip | outer.flag)
+    extra_args = {**extra_args, skip_lib.KEY: signal}
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    inner_state = jax.tree.map(
+        lambda new, old: signal.select(old, new), new_inner, state.inner_state
+    )
+    if outer is not None:
+        jax.tree.map(outer.keep, state.inner_state, inner_state)
+    out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    return out, inner_state

@@ -328,7 +328,9 @@ def train_step(
         model, tokens, labels, weights, False
     )
     grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
-    updates = optimizer.update(model, grads)
+    # The loss goes to the optimizer too (optax's extra-args convention), so that a guard
+    # can skip a step whose loss is non-finite or an outlier.
+    updates = optimizer.update(model, grads, value=loss)
     params = nnx.state(model, nnx.Param)
     if ema is not None:
         ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
@@ -509,6 +511,13 @@ def _json_line(d: dict) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _accepting_value(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx``, taking ``value=loss`` even if it does not use it (one wrapper per ``tx``, so
+    that repeated runs with the same ``tx`` reuse the compiled train step)."""
+    return optax.with_extra_args_support(tx)
+
+
 def train(
     config: Config,
     *,
@@ -554,6 +563,7 @@ def train(
     if config.pretrain_epochs > 0 and dataset.source == "rotten_tomatoes":
         pretrain_info = pretrain(model, dataset, config, log)
     tx = tx if tx is not None else make_optimizer(config, total_steps)
+    tx = _accepting_value(tx)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     # Functional state for the jitted steps; replicated over the devices, batches sharded.
     model_def, model_state = nnx.split(model)
