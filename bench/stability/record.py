@@ -7,8 +7,8 @@ Each workload trains with no defense at all (optax AdamW or SGD, no clipping) an
 the per-step training loss and the global norm of the gradient the optimizer received.
 They are written to ``bench/stability/traces.npz`` (float32 arrays ``<name>/loss`` and
 ``<name>/grad_norm``) and ``traces.json`` (what each run was, and whether it was healthy:
-finite throughout, and learned: a classifier above 60 % test accuracy, the LM's held-out
-loss below 0.8 of its initial loss).
+finite throughout, no loss spike (see ``healthy``), and learned: a
+classifier above 60 % test accuracy, the LM's held-out loss below 0.8 of its initial loss).
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ def example(name: str):
     return __import__(name)
 
 
-def classifier(encoder: str, seed: int, steps: int) -> dict:
-    """The example's classifier from scratch (as compare.py trains it), optax.adamw, no clip."""
+def classifier(scenario: str, seed: int, steps: int) -> dict:
+    """A compare.py scenario of the example's classifier, with optax.adamw and no clipping."""
     import optax
 
-    train = example("train")
-    config = train.Config(
-        encoder=encoder, epochs=6, pretrain_epochs=0, ema=0.0, seed=seed, progress=False
-    )
+    train, compare = example("train"), example("compare")
+    fields = {**compare.SCENARIOS[scenario]["config"], "epochs": 6}
+    config = train.Config(**fields, seed=seed, progress=False)
     lr = train.learning_rate(config, steps)
     tx = optax.adamw(lr, weight_decay=config.weight_decay, mask=train.decay_mask)
     result = train.train(
@@ -104,13 +103,23 @@ WORKLOADS = {
     **{f"lstm-s{s}": (lambda s=s: classifier("lstm", s, 636)) for s in (0, 1)},
     **{f"transformer-s{s}": (lambda s=s: classifier("transformer", s, 636)) for s in (0, 1)},
     "rnn-s0": lambda: rnn(0, 300),
-    **{f"lm-lr{lr:g}-s0": (lambda lr=lr: lm(lr, 0, 800)) for lr in (1e-3, 3e-3, 1e-2, 3e-2)},
+    # 1e-3 to 3e-2 (30x) are healthy; 0.3 and 1 are past the best learning rate (1e-2), where
+    # the loss gets noisy (0.3) or spikes by itself (1).
+    **{
+        f"lm-lr{lr:g}-s0": (lambda lr=lr: lm(lr, 0, 800))
+        for lr in (1e-3, 3e-3, 1e-2, 3e-2, 0.3, 1.0)
+    },
 }
 
 
 def healthy(loss: np.ndarray, norm: np.ndarray, learned: bool) -> bool:
-    """Finite throughout, and the run learned (its own criterion: see :data:`WORKLOADS`)."""
-    return bool(np.all(np.isfinite(loss)) and np.all(np.isfinite(norm)) and learned)
+    """Finite throughout, the run learned (its own criterion, in :data:`WORKLOADS`), and no
+    loss spike: after the first tenth, the loss averaged over 20 steps never exceeds 1.5x its
+    average over the first 20 steps."""
+    if not (np.all(np.isfinite(loss)) and np.all(np.isfinite(norm)) and learned):
+        return False
+    smooth = np.convolve(loss, np.ones(20) / 20, mode="valid")
+    return bool(smooth[len(loss) // 10 :].max() <= 1.5 * smooth[0])
 
 
 def main(argv=None) -> None:
@@ -133,10 +142,11 @@ def main(argv=None) -> None:
         loss = np.array([r["loss"] for r in hist], np.float32)
         norm = np.array([r["grad_norm"] for r in hist], np.float32)
         arrays[f"{name}/loss"], arrays[f"{name}/grad_norm"] = loss, norm
+        learned = rec["learned"]
         meta[name] = {
             **rec,
             "steps": len(loss),
-            "healthy": healthy(loss),
+            "healthy": healthy(loss, norm, learned),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         print(
@@ -145,6 +155,8 @@ def main(argv=None) -> None:
             f"final {rec['final']:.4g} ({meta[name]['seconds']}s)",
             flush=True,
         )
+    for name, m in meta.items():  # the criterion applied to every run, old ones included
+        m["healthy"] = healthy(arrays[f"{name}/loss"], arrays[f"{name}/grad_norm"], m["learned"])
     np.savez_compressed(out.with_suffix(".npz"), **arrays)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     print(f"wrote {out.with_suffix('.npz')} and {out.with_suffix('.json')}")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import lr_sweep  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import train as train_lib  # noqa: E402
@@ -48,6 +49,20 @@ import adaptx  # noqa: E402
 SCENARIOS: dict[str, dict] = {
     # The main job's BiLSTM with the Adam family; faults are injected on top of it.
     "lstm": dict(config=dict(epochs=3, pretrain_epochs=0, ema=0.0), family="adam"),
+    # The small transformer encoder from scratch, light dropout and no bigram table (which
+    # would make the step mostly an update of 6.4 M embedding rows): learns in 3 epochs.
+    "transformer": dict(
+        config=dict(
+            encoder="transformer",
+            epochs=3,
+            pretrain_epochs=0,
+            ema=0.0,
+            bigrams=0,
+            dropout=0.1,
+            embed_dropout=0.1,
+        ),
+        family="adam",
+    ),
     # A plain tanh RNN over 200-token IMDB reviews whose recurrent matrix is orthogonal x 1.5,
     # SGD with momentum: the gradient explodes by itself (norm ~3e3 at the first step), no
     # injection needed.
@@ -243,7 +258,24 @@ def plot(curves: dict[str, list[dict]], faults: dict[int, float], path: Path, ti
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(SCENARIOS), default="lstm")
+    p.add_argument(
+        "--model",
+        choices=sorted(SCENARIOS) + ["lm"],
+        default="lstm",
+        help="the scenario; 'lm' (the causal character LM of lm.py) only with --lr-sweep",
+    )
+    p.add_argument(
+        "--lr-sweep",
+        action="store_true",
+        help="train every optimizer of lr_sweep.OPTIMIZERS at every --lrs peak learning rate "
+        "and report the final held-out loss and the learning-rate sensitivity",
+    )
+    p.add_argument(
+        "--lrs",
+        default=None,
+        help="comma-separated peak learning rates for --lr-sweep (default: six spanning 100x "
+        "around the workload's best, lr_sweep.DEFAULT_LRS)",
+    )
     p.add_argument(
         "--inject-spikes",
         action="store_true",
@@ -268,6 +300,10 @@ def main(argv=None) -> dict:
         help="override train.Config fields, e.g. --set recurrent_scale=1.2",
     )
     args = p.parse_args(argv)
+    if args.lr_sweep:
+        return _lr_sweep(args)
+    if args.model == "lm":
+        p.error("--model lm needs --lr-sweep")
 
     scenario = SCENARIOS[args.model]
     fields = {f.name: f for f in dataclasses.fields(train_lib.Config)}
@@ -353,6 +389,34 @@ def main(argv=None) -> dict:
     (out / f"compare-{scenario_name}.txt").write_text(text + "\n")
     print(f"wrote {png}")
     return rows
+
+
+def _lr_sweep(args) -> dict:
+    """``--lr-sweep``: the learning-rate stress test of ``lr_sweep.py``."""
+    seeds = [int(x) for x in args.seeds.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else lr_sweep.DEFAULT_LRS[args.model]
+    names = [
+        n for n in lr_sweep.OPTIMIZERS if not args.only or any(k in n for k in args.only.split(","))
+    ]
+    if args.model == "lm":
+        import lm as lm_lib
+
+        base = lm_lib.LMConfig(**({"steps": args.steps} if args.steps else {}))
+        data = lm_lib.load_text(base)
+    else:
+        # One padded length (one compilation per optimizer and learning rate).
+        base = train_lib.Config(
+            **{**SCENARIOS[args.model]["config"], "buckets": 1}, progress=False, out=args.out
+        )
+        data = train_lib.load_data(base)
+    t0 = time.perf_counter()
+    print(f"lr sweep {args.model}: lrs {lrs}, seeds {seeds}, optimizers {names}", flush=True)
+    result = lr_sweep.sweep(args.model, lrs, seeds, names, base, data)
+    stem = lr_sweep.write(result, Path(args.out))
+    print(
+        f"\n{lr_sweep.table(result)}\n({time.perf_counter() - t0:.0f}s) wrote {stem}.json/.md/.png"
+    )
+    return result
 
 
 if __name__ == "__main__":
