@@ -6,11 +6,13 @@ against the mean :math:`\mu` and variance :math:`\sigma^2` of the values before 
 
 .. math::
 
-  b_t = \mu_{t-1} + \max(z\,\sigma_{t-1},\ \delta), \qquad
+  b_t = \mu_{t-1} + \min\bigl(\max(z\,\sigma_{t-1},\ \delta),\ \Delta\bigr), \qquad
   \text{outlier} \iff x_t > b_t ,
 
-with :math:`z` the z-score threshold and :math:`\delta \ge 0` a minimum gap (in log
-space, :math:`\delta = \log r` means "at least :math:`r` times the typical value").
+with :math:`z` the z-score threshold, :math:`\delta \ge 0` a minimum gap and
+:math:`\Delta \ge \delta` a maximum one (in log space, :math:`\delta = \log r` means "at
+least :math:`r` times the typical value", and :math:`\Delta = \log R` makes anything
+:math:`R` times the typical value an outlier, however noisy the history).
 Nothing is judged before ``min_count`` values have been recorded.
 
 The statistics are then fed the value *winsorised* at the bound,
@@ -20,7 +22,9 @@ the :math:`k`-th recorded value:
 .. math::
 
   d = \tilde x_t - \mu, \qquad \mu \leftarrow \mu + w_k d, \qquad
-  \sigma^2 \leftarrow (1 - w_k)(\sigma^2 + w_k d^2) .
+  \sigma^2 \leftarrow \begin{cases}
+    (1 - w_k)(\sigma^2 + w_k d^2) & \text{not an outlier} \\
+    \sigma^2 & \text{outlier.} \end{cases}
 
 With :math:`w_k = 1/k` this is Welford's update (the exact mean and population
 variance of the values so far), so the statistics have no start-up bias; once
@@ -29,13 +33,13 @@ which the window rules used in practice (mean + 6 sigma of the last 128 values) 
 
 * **NaN-proof.** A non-finite value is never recorded, so one NaN cannot turn the
   statistics into NaN.
-* **No aftershocks.** An outlier enters only as :math:`b_t`, so even a :math:`10^8\times`
-  spike moves :math:`\mu` by at most :math:`w_k \max(z\sigma, \delta)` and widens the
-  bound: the steps after it are judged as before, never more harshly.
+* **No aftershocks.** An outlier moves :math:`\mu` by :math:`w_k (b_t - \mu)` at most and
+  leaves :math:`\sigma` alone, so even a :math:`10^8\times` spike neither makes the rule
+  trigger-happy afterwards nor blinds it (feeding the bound into the variance too would
+  widen it by a third at each spike, with :math:`z = 6`, until spikes pass unseen).
 * **Bounded adaptation.** After a lasting jump of the value by :math:`J`, each step
   moves :math:`\mu` up by at least :math:`(1-\alpha)\delta`, so the jump stops being an
-  outlier after at most :math:`(J - \delta) / ((1-\alpha)\delta)` steps (fewer in
-  practice, since :math:`\sigma` grows too).
+  outlier after at most :math:`(J - \delta) / ((1-\alpha)\delta)` steps.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def judge(
     *,
     z_thresh: Any,
     min_gap: Any,
+    max_gap: Any = jnp.inf,
     min_count: int = 1,
 ) -> Judgement:
     """Judges ``x`` against ``(count, mean, var)``; see the module docstring."""
@@ -82,6 +87,7 @@ def judge(
     std = jnp.sqrt(var)
     ready = count >= min_count
     width = jnp.maximum(tu.as_scalar(z_thresh, f32) * std, tu.as_scalar(min_gap, f32))
+    width = jnp.minimum(width, tu.as_scalar(max_gap, f32))
     bound = jnp.where(ready, mean + width, jnp.inf)
     finite = jnp.isfinite(x)
     z = jnp.where(ready, (x - mean) / jnp.maximum(std, 1e-12), 0.0)
@@ -101,8 +107,12 @@ def record(
     *,
     alpha: Any,
     when: jax.Array,
+    outlier: jax.Array | bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Folds ``x`` into ``(count, mean, var)`` where ``when`` holds and ``x`` is finite."""
+    """Folds ``x`` into ``(count, mean, var)`` where ``when`` holds and ``x`` is finite.
+
+    Where ``outlier`` holds (pass :attr:`Judgement.outlier`), only the mean moves.
+    """
     f32 = jnp.float32
     x = x.astype(f32)
     when = when & jnp.isfinite(x)
@@ -114,5 +124,5 @@ def record(
     return (
         jnp.where(when, tu.safe_increment(count), count).astype(count.dtype),
         jnp.where(when, new_mean, mean).astype(mean.dtype),
-        jnp.where(when, new_var, var).astype(var.dtype),
+        jnp.where(when & ~jnp.asarray(outlier), new_var, var).astype(var.dtype),
     )

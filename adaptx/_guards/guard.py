@@ -129,7 +129,13 @@ def _judge_loss(loss: jax.Array | None, state: GuardState, loss_z: Any, alpha: A
         min_gap=0.0,
     )
     count, mean, var = robust_stats.record(
-        state.loss_count, state.loss_mean, state.loss_var, j.fed, alpha=alpha, when=True
+        state.loss_count,
+        state.loss_mean,
+        state.loss_var,
+        j.fed,
+        alpha=alpha,
+        when=True,
+        outlier=j.outlier,
     )
     spike = j.outlier if loss_z is not None else no
     return _LossVerdict(~jnp.isfinite(loss), spike, loss, count, mean, var, j.z)
@@ -245,25 +251,7 @@ def guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        def scalar(dtype=jnp.float32):  # a buffer of its own: state may be donated
-            return jnp.zeros([], dtype)
-
-        return GuardState(
-            inner_state=inner.init(params),
-            count=scalar(jnp.int32),
-            grad_norm=scalar(),
-            skipped=scalar(jnp.int32),
-            consecutive=scalar(jnp.int32),
-            last_reason=scalar(jnp.int32),
-            forced=scalar(jnp.int32),
-            norm_mean=scalar(),
-            norm_var=scalar(),
-            loss=scalar(),
-            loss_count=scalar(jnp.int32),
-            loss_mean=scalar(),
-            loss_var=scalar(),
-            loss_z=scalar(),
-        )
+        return _init_state(inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         tu.check_float_leaves(fn, updates)
@@ -319,6 +307,29 @@ def guard(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _init_state(inner_state: optax.OptState) -> GuardState:
+    def scalar(dtype=jnp.float32):  # a buffer of its own: state may be donated
+        return jnp.zeros([], dtype)
+
+    i32 = jnp.int32
+    return GuardState(
+        inner_state=inner_state,
+        count=scalar(i32),
+        grad_norm=scalar(),
+        skipped=scalar(i32),
+        consecutive=scalar(i32),
+        last_reason=scalar(i32),
+        forced=scalar(i32),
+        norm_mean=scalar(),
+        norm_var=scalar(),
+        loss=scalar(),
+        loss_count=scalar(i32),
+        loss_mean=scalar(),
+        loss_var=scalar(),
+        loss_z=scalar(),
+    )
 
 
 def _check_guard_args(fn, inner, skip_nonfinite, spike_z, max_consecutive_skips, loss_z) -> None:

@@ -185,7 +185,8 @@ def robust_adamw(
     *,
     clip_z: float = 6.0,
     clip_ratio: float = 4.0,
-    clip_alpha: float = 0.98,
+    clip_alpha: float = 0.95,
+    clip_max_ratio: float = 10.0,
     initial_max_norm: float | None = 1.0,
     max_norm: float | None = None,
     update_rms_clip: float | None = 1.0,
@@ -202,7 +203,7 @@ def robust_adamw(
 
       guard(
           chain(
-              clip_spikes(clip_z, clip_ratio, clip_alpha,
+              clip_spikes(clip_z, clip_ratio, clip_alpha, max_ratio=clip_max_ratio,
                           initial_max_norm=initial_max_norm, max_norm=max_norm),
               scale_by_adam(b1, b2, eps, update_rms_clip=update_rms_clip),
               add_decayed_weights(weight_decay, mask),
@@ -244,6 +245,7 @@ def robust_adamw(
       clip_z: :func:`adaptx.clip_spikes`'s ``z_thresh``.
       clip_ratio: :func:`adaptx.clip_spikes`'s ``min_ratio``.
       clip_alpha: :func:`adaptx.clip_spikes`'s ``alpha``.
+      clip_max_ratio: :func:`adaptx.clip_spikes`'s ``max_ratio``.
       initial_max_norm: ceiling on the first step's norm; ``None`` for none.
       max_norm: optional hard ceiling on the global norm at every step.
       update_rms_clip: StableAdamW's :math:`d`; ``None`` disables update clipping.
@@ -287,7 +289,12 @@ def robust_adamw(
         validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
     inner = hints_lib.hinted_chain(
         clip_spikes(
-            clip_z, clip_ratio, clip_alpha, initial_max_norm=initial_max_norm, max_norm=max_norm
+            clip_z,
+            clip_ratio,
+            clip_alpha,
+            max_ratio=clip_max_ratio,
+            initial_max_norm=initial_max_norm,
+            max_norm=max_norm,
         ),
         scale_by_adam(
             b1, b2, eps, update_rms_clip=update_rms_clip, pack_small_leaves=pack_small_leaves

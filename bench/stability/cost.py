@@ -43,12 +43,15 @@ def paired_ratios(
     variants: dict[str, Callable[[], optax.GradientTransformation]],
     *,
     baseline: str,
+    pairs: dict[str, tuple[str, str]] | None = None,
     rounds: int = 15,
     reps: int = 10,
     shapes: dict | None = None,
     seed: int = 0,
 ) -> dict[str, dict]:
-    """``{name: {"ms": median ms/step, "ratio": median, "min": .., "max": ..}}``."""
+    """``{name: {"ms": median ms/step, "ratio": median, "min": .., "max": ..}}``, the ratios
+    against ``baseline``; each of ``pairs`` (``label: (a, b)``) adds ``a``'s time over ``b``'s,
+    paired round by round."""
     shapes = shapes or tree_shapes()
     rng = np.random.default_rng(seed)
     grads = {k: jnp.asarray(rng.standard_normal(s, np.float32) * 1e-2) for k, s in shapes.items()}
@@ -71,14 +74,15 @@ def paired_ratios(
             jax.block_until_ready((params, state))
             times[name].append((time.perf_counter() - t0) / reps)
             runs[name][1:] = [params, state]
-    base = np.array(times[baseline])
-    out = {}
-    for name, t in times.items():
-        r = np.array(t) / base
-        out[name] = {
-            "ms": float(np.median(t) * 1e3),
-            "ratio": float(np.median(r)),
-            "min": float(r.min()),
-            "max": float(r.max()),
-        }
+
+    def ratio(a: str, b: str) -> dict:
+        r = np.array(times[a]) / np.array(times[b])
+        return {"ratio": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
+
+    out = {
+        name: {"ms": float(np.median(t) * 1e3), **ratio(name, baseline)}
+        for name, t in times.items()
+    }
+    for label, (a, b) in (pairs or {}).items():
+        out[label] = {"ms": None, **ratio(a, b), "pair": [a, b]}
     return out

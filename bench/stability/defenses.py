@@ -129,7 +129,7 @@ DEFENSES: tuple[Defense, ...] = (
         "Seetharaman et al. 2020: 10th percentile, history 1000",
     ),
     Defense(
-        "guard + zclip 2.5 (robust_adamw before)",
+        "guard + zclip 2.5 (robust_adamw's previous rule)",
         lambda: adaptx.guard(adaptx.zclip()),
         {},
         _out,
@@ -141,7 +141,7 @@ DEFENSES: tuple[Defense, ...] = (
                 optax.scale(-LR),
             )
         ),
-        "the recipe's previous defaults: guard(zclip() + update-clipped AdamW)",
+        "the recipe's previous rule, guard(zclip() + update-clipped AdamW), as a plain optax.chain",
     ),
     Defense(
         "adaptx.robust_adamw",
@@ -150,6 +150,14 @@ DEFENSES: tuple[Defense, ...] = (
         _adaptx_recipe,
         lambda: adaptx.robust_adamw(LR),
         "guard(clip_spikes + update-clipped AdamW), the recipe's defaults",
+    ),
+    Defense(
+        "adaptx.robust_adamw(loss_z=6)",
+        lambda: robust_front(loss_z=6.0),
+        {},
+        _adaptx_recipe,
+        lambda: adaptx.robust_adamw(LR, loss_z=6.0),
+        "the recipe, also skipping a loss 6 standard deviations above its running mean",
     ),
 )
 

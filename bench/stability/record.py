@@ -155,8 +155,11 @@ def main(argv=None) -> None:
             f"final {rec['final']:.4g} ({meta[name]['seconds']}s)",
             flush=True,
         )
-    for name, m in meta.items():  # the criterion applied to every run, old ones included
-        m["healthy"] = healthy(arrays[f"{name}/loss"], arrays[f"{name}/grad_norm"], m["learned"])
+    for name, m in meta.items():  # the current criterion, for the runs kept too
+        if "learned" in m:
+            m["healthy"] = healthy(
+                arrays[f"{name}/loss"], arrays[f"{name}/grad_norm"], m["learned"]
+            )
     np.savez_compressed(out.with_suffix(".npz"), **arrays)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     print(f"wrote {out.with_suffix('.npz')} and {out.with_suffix('.json')}")

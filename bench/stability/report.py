@@ -12,25 +12,30 @@ def _pct(x: float) -> str:
 
 
 def summary(per_trace: dict, meta: dict) -> dict:
-    """Pools one defense's per-trace scores: worst healthy rate, recalls over every fault."""
-    healthy = [s["healthy_rate"] for n, s in per_trace.items() if meta[n]["healthy"]]
-    recall = {
-        k: float(np.mean([s["recall"][k] for s in per_trace.values()])) for k in faults_lib.KINDS
-    }
-    big = [k for k in faults_lib.KINDS if k not in ("spike 10x",)]
-    first = [s["first_step_caught"][k] for s in per_trace.values() for k in big]
-    adapt = [s["shift_adapt_steps"] for s in per_trace.values()]
-    never = [s["shift_adapt_steps"] >= s["shift_steps_left"] - 5 for s in per_trace.values()]
+    """One defense's per-trace scores pooled: over the healthy traces (each weighing the
+    same), and the recall of the big faults over every trace, unhealthy ones included."""
+    healthy = {n: s for n, s in per_trace.items() if meta[n]["healthy"]}
+    big = [k for k in faults_lib.KINDS if k != "spike 10x"]
+
+    def mean(values) -> float:
+        values = list(values)
+        return float(np.mean(values)) if values else float("nan")
+
+    rates = [s["healthy_rate"] for s in healthy.values()]
+    recall = {k: mean(s["recall"][k] for s in healthy.values()) for k in faults_lib.KINDS}
     return {
-        "healthy_max": max(healthy) if healthy else float("nan"),
-        "healthy_mean": float(np.mean(healthy)) if healthy else float("nan"),
+        "healthy_max": max(rates, default=float("nan")),
+        "healthy_mean": mean(rates),
         "recall": recall,
-        "recall_100x_up": float(np.mean([recall[k] for k in big])),
-        "first_step": float(np.mean(first)),
-        "aftershocks_mean": float(np.mean([s["aftershocks_mean"] for s in per_trace.values()])),
-        "aftershocks_max": int(max(s["aftershocks_max"] for s in per_trace.values())),
-        "adapt_max": int(max(adapt)),
-        "adapt_never": int(sum(never)),
+        "recall_100x_up": mean(recall[k] for k in big),
+        "recall_100x_up_all": mean(s["recall"][k] for s in per_trace.values() for k in big),
+        "first_step": mean(s["first_step_caught"][k] for s in healthy.values() for k in big),
+        "aftershocks_mean": mean(s["aftershocks_mean"] for s in healthy.values()),
+        "aftershocks_max": int(max((s["aftershocks_max"] for s in healthy.values()), default=0)),
+        "adapt_max": int(max((s["shift_adapt_steps"] for s in healthy.values()), default=0)),
+        "adapt_never": int(
+            sum(s["shift_adapt_steps"] >= s["shift_steps_left"] - 5 for s in healthy.values())
+        ),
     }
 
 
@@ -42,6 +47,7 @@ def _summary_table(results: dict) -> list[str]:
         "healthy rate, worst (mean)",
         *faults_lib.KINDS,
         "first step",
+        ">= 100x, NaN, Inf: all traces",
         "aftershocks mean / max",
         "10x shift: steps to adapt",
         "step time vs adaptx.adamw",
@@ -59,11 +65,21 @@ def _summary_table(results: dict) -> list[str]:
             f"{_pct(s['healthy_max'])} ({_pct(s['healthy_mean'])})",
             *(_pct(s["recall"][k]) for k in faults_lib.KINDS),
             _pct(s["first_step"]),
+            _pct(s["recall_100x_up_all"]),
             f"{s['aftershocks_mean']:+.2f} / {s['aftershocks_max']}",
             adapt,
             step,
         ]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _cost_table(results: dict) -> list[str]:
+    lines = ["| step | ms (median) | paired ratio, median (min-max) |", "| --- | --- | --- |"]
+    for name, c in results["cost"].items():
+        over = " over ".join(f"`{x}`" for x in c["pair"]) if "pair" in c else f"`{name}`"
+        ms = "-" if c["ms"] is None else f"{c['ms']:.2f}"
+        lines.append(f"| {over} | {ms} | {c['ratio']:.3f} ({c['min']:.3f}-{c['max']:.3f}) |")
     return lines
 
 
@@ -94,25 +110,30 @@ def _traces_table(meta: dict) -> list[str]:
 
 def _grid_table(results: dict) -> list[str]:
     meta = results["meta"]["traces"]
+    knobs = list(results["grid"][0]["hp"])
     head = [
-        "clip_z",
-        "clip_ratio",
-        "clip_alpha",
+        *knobs,
         "healthy rate, worst",
         "spike 10x",
-        "spikes >= 100x, NaN, Inf",
+        ">= 100x, NaN, Inf",
+        "first step",
+        ">= 100x, NaN, Inf: all traces",
         "aftershocks max",
-        "shift: steps to adapt, worst",
+        "10x shift: steps to adapt",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["grid"]:
         s = summary(row["per_trace"], meta)
-        hp = row["hp"]
-        lines.append(
-            f"| {hp['clip_z']:g} | {hp['clip_ratio']:g} | {hp['clip_alpha']:g} | "
-            f"{_pct(s['healthy_max'])} | {_pct(s['recall']['spike 10x'])} | "
-            f"{_pct(s['recall_100x_up'])} | {s['aftershocks_max']} | {s['adapt_max']} |"
-        )
+        cells = [f"{row['hp'][k]:g}" for k in knobs] + [
+            _pct(s["healthy_max"]),
+            _pct(s["recall"]["spike 10x"]),
+            _pct(s["recall_100x_up"]),
+            _pct(s["first_step"]),
+            _pct(s["recall_100x_up_all"]),
+            str(s["aftershocks_max"]),
+            str(s["adapt_max"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -136,6 +157,14 @@ def markdown(results: dict) -> str:
         *_rates_table(results),
         "",
     ]
+    if "cost" in results:
+        out += [
+            "## Step time (the tree of `cost.tree_shapes()`; ratios against `adaptx.adamw`"
+            " unless a pair is named)",
+            "",
+            *_cost_table(results),
+            "",
+        ]
     if "grid" in results:
         out += [
             "## Calibration of adaptx.robust_adamw (clip_spikes settings)",

@@ -28,8 +28,13 @@ from bench.stability import replay as replay_lib
 
 HERE = Path(__file__).resolve().parent
 
-#: clip_spikes settings tried for the recipe's defaults (clip_z, clip_ratio, clip_alpha).
-GRID = {"clip_z": (3.0, 4.0, 6.0), "clip_ratio": (2.0, 3.0, 4.0, 6.0), "clip_alpha": (0.95, 0.98)}
+#: clip_spikes settings tried for the recipe's defaults.
+GRID = {
+    "clip_z": (3.0, 4.0, 6.0),
+    "clip_ratio": (3.0, 4.0),
+    "clip_max_ratio": (10.0, 30.0, 100.0),
+    "clip_alpha": (0.95, 0.98),
+}
 
 
 def load_traces(path: Path, quick: bool) -> tuple[dict, dict]:
@@ -77,8 +82,14 @@ def step_cost(chosen, quick: bool) -> dict:
     for d in chosen:
         if d.recipe is not None:
             variants[d.name] = d.recipe
+    base = "AdamW + update clip, no detector or guard"
+    pairs = {
+        f"{d.name} over {base}": (d.name, base)
+        for d in chosen
+        if d.recipe is not None and d.name.startswith("adaptx.robust_adamw")
+    }
     kw = dict(rounds=3, reps=2, shapes=cost.tree_shapes(64, 1, 512)) if quick else {}
-    return cost.paired_ratios(variants, baseline="adaptx.adamw", **kw)
+    return cost.paired_ratios(variants, baseline="adaptx.adamw", pairs=pairs, **kw)
 
 
 def main(argv=None) -> dict:

@@ -16,7 +16,8 @@ Columns: ``test acc`` final test accuracy (no early stopping; mean ± std over s
 ``non-finite at`` first step whose loss or parameters were NaN/inf, per seed; ``max |g|``
 largest finite gradient norm the optimizer received (median over seeds); ``clipped`` steps
 whose gradient the optimizer scaled down and ``spikes`` steps it flagged as spikes (both from
-``adaptx.telemetry``; ``-`` where the optimizer reports no such figure); ``skipped`` steps with
+``adaptx.telemetry``; ``-`` where the optimizer reports no such figure); ``upd-clip`` steps on
+which update-RMS clipping scaled down at least one tensor's step; ``skipped`` steps with
 an exactly zero update; ``outcome`` ``ok``, ``diverged`` (ended with non-finite parameters) or
 ``not learning`` (finite, but test accuracy below 0.6).
 """
@@ -178,6 +179,11 @@ def summarize(result: dict) -> dict:
         any(v > 0 for k, v in r.items() if k.endswith("/spike")) and not skip
         for r, skip in zip(hist, skipped_steps, strict=True)
     )
+    update_clipped = sum(
+        any(v > 0 for k, v in r.items() if k.endswith("/update_clipped")) and not skip
+        for r, skip in zip(hist, skipped_steps, strict=True)
+    )
+    clips_updates = any(k.endswith("/update_clipped") for k in hist[0]) if hist else False
     detects = any(k.endswith("/spike") for k in hist[0]) if hist else False
     reports_scale = any(k.endswith("/scale") for k in hist[0]) if hist else False
     skipped = sum(skipped_steps)
@@ -191,6 +197,7 @@ def summarize(result: dict) -> dict:
         "max_grad_norm": max(norms, default=0.0),
         "clipped": clipped if reports_scale else None,
         "spikes": spikes if detects else None,
+        "update_clipped": update_clipped if clips_updates else None,
         "skipped": skipped,
         "outcome": outcome,
     }
@@ -203,7 +210,7 @@ def _mean_of(runs: list[dict], key: str) -> str:
 def format_table(rows: dict[str, list[dict]]) -> str:
     head = (
         f"{'optimizer':<34} {'test acc':>15} {'non-finite at':>13} {'max |g|':>8} "
-        f"{'clipped':>8} {'spikes':>7} {'skipped':>8}  outcome"
+        f"{'clipped':>8} {'spikes':>7} {'upd-clip':>8} {'skipped':>8}  outcome"
     )
     lines = [head, "-" * len(head)]
     for name, runs in rows.items():
@@ -220,7 +227,8 @@ def format_table(rows: dict[str, list[dict]]) -> str:
         gmax = f"{np.median([r['max_grad_norm'] for r in runs]):.2g}"
         lines.append(
             f"{name:<34} {acc:>15} {nf_s:>13} {gmax:>8} {_mean_of(runs, 'clipped'):>8} "
-            f"{_mean_of(runs, 'spikes'):>7} {_mean_of(runs, 'skipped'):>8}  {outcome}"
+            f"{_mean_of(runs, 'spikes'):>7} {_mean_of(runs, 'update_clipped'):>8} "
+            f"{_mean_of(runs, 'skipped'):>8}  {outcome}"
         )
     return "\n".join(lines)
 
