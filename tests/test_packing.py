@@ -95,7 +95,11 @@ def test_packed_update_clipping_is_still_per_tensor(recipe):
     # gradient on one small leaf must scale that leaf's step, not its neighbours'.
     params = mixed_tree()
     make = getattr(adaptx, recipe)
-    plain, packed = make(1e-2), make(1e-2, pack_small_leaves=64)
+    # (robust_adamw without its first-step ceiling: a clipped f16/bf16 step rounds the
+    # scaled gradient differently in the packed buffer, and this test is about the RMS.)
+    kw = {"update_rms_clip": 1.0} | ({"initial_max_norm": None} if recipe == "robust_adamw" else {})
+    plain = make(1e-2, **kw)
+    packed = make(1e-2, pack_small_leaves=64, **kw)
     s1, s2 = plain.init(params), packed.init(params)
     update1, update2 = jax.jit(plain.update), jax.jit(packed.update)
     for t in range(6):

@@ -68,6 +68,7 @@ def test_every_public_factory_is_covered():
 # Factories whose validation is tested in their own modules.
 EXTRA_COVERED = (
     "autoclip",
+    "clip_spikes",
     "zclip",
     "adagc",
     "guard",

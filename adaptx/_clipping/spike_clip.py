@@ -25,8 +25,9 @@ class ClipSpikesState(NamedTuple):
       log_var: running variance :math:`\\sigma^2` of :math:`\\log\\|g\\|` (float32).
       grad_norm: global norm of the incoming gradients at the last step (float32).
       threshold: the norm above which the last step counted as a spike,
-        :math:`\\exp(b_t)` (``initial_max_norm`` or ``inf`` at the first step; at most
-        ``max_norm``). A spike is clipped to ``typical``.
+        :math:`\\exp(b_t)` (``initial_max_norm`` at the first step, or 0 when there is
+        none, as in the initial state; at most ``max_norm``). A spike is clipped to
+        ``typical``.
       typical: :math:`\\exp(\\mu)`, the running geometric mean of the norm after the last
         step (float32).
       scale: factor the gradients were multiplied by at the last step, in [0, 1].
@@ -136,6 +137,14 @@ def clip_spikes(
       1.04
       >>> int(adaptx.telemetry(state)["clip_spikes/spike"])
       1
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025 (a z-score of the gradient norm against
+      its running statistics; here in log space, winsorised, with ratio bounds).
+
+      Pascanu et al., `On the difficulty of training recurrent neural networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013 (clipping the global norm).
     """
     fn = "clip_spikes"
     validate.check_positive(fn, "z_thresh", z_thresh, example="6.0")
@@ -159,7 +168,7 @@ def clip_spikes(
             log_mean=scalar(0.0),
             log_var=scalar(0.0),
             grad_norm=scalar(0.0),
-            threshold=scalar(jnp.inf),
+            threshold=scalar(0.0),
             typical=scalar(0.0),
             scale=scalar(1.0),
             z=scalar(0.0),
@@ -203,6 +212,7 @@ def clip_spikes(
         threshold = jnp.where(first, ceiling, jnp.exp(j.bound))
         if max_norm is not None:
             threshold = jnp.minimum(threshold, tu.as_scalar(max_norm, f32))
+        threshold = jnp.where(jnp.isfinite(threshold), threshold, 0.0)  # the state stays finite
         new_state = ClipSpikesState(
             count=count,
             log_mean=mean,

@@ -403,8 +403,12 @@ def _lr_sweep(args) -> dict:
     """``--lr-sweep``: the learning-rate stress test of ``lr_sweep.py``."""
     seeds = [int(x) for x in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else lr_sweep.DEFAULT_LRS[args.model]
+    # --only: names given in full select exactly that optimizer, others match as substrings.
+    keys = args.only.split(",") if args.only else []
     names = [
-        n for n in lr_sweep.OPTIMIZERS if not args.only or any(k in n for k in args.only.split(","))
+        n
+        for n in lr_sweep.OPTIMIZERS
+        if not keys or n in keys or any(k in n for k in keys if k not in lr_sweep.OPTIMIZERS)
     ]
     if args.model == "lm":
         import lm as lm_lib

@@ -39,6 +39,13 @@ OPTIMIZERS: dict[str, Callable] = {
     "adaptx.robust_adamw(loss_z=6)": lambda lr, wd, mask: adaptx.robust_adamw(
         lr, weight_decay=wd, mask=mask, loss_z=6.0
     ),
+    # StableAdamW's own threshold, and no update clipping at all.
+    "adaptx.robust_adamw(update_rms_clip=1)": lambda lr, wd, mask: adaptx.robust_adamw(
+        lr, weight_decay=wd, mask=mask, update_rms_clip=1.0
+    ),
+    "adaptx.robust_adamw(update_rms_clip=None)": lambda lr, wd, mask: adaptx.robust_adamw(
+        lr, weight_decay=wd, mask=mask, update_rms_clip=None
+    ),
 }
 
 #: Six peak learning rates spanning 100x, per workload, each around its best one: the
