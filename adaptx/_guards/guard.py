@@ -114,8 +114,17 @@ def _read_loss(fn: str, extra_args: dict, loss_z: Any, axis_name: Any) -> jax.Ar
     return v if axis_name is None else jax.lax.pmean(v, axis_name)
 
 
-def _judge_loss(loss: jax.Array | None, state: GuardState, loss_z: Any, alpha: Any) -> _LossVerdict:
-    """Non-finite and (with ``loss_z``) spike verdicts on the loss, and its new statistics."""
+def _judge_loss(
+    loss: jax.Array | None, state: GuardState, loss_z: Any, alpha: Any, at_limit: jax.Array
+) -> _LossVerdict:
+    """Non-finite and (with ``loss_z``) spike verdicts on the loss, and its new statistics.
+
+    A spike is recorded winsorised (see :mod:`adaptx._core.robust_stats`), unless the guard
+    is at ``max_consecutive_skips`` (``at_limit``) and lets it through: then the loss is
+    recorded as it is, mean and variance, so the statistics move to the new level (kept
+    winsorised, a lasting rise would be skipped again at all steps but one in
+    ``max_consecutive_skips + 1``).
+    """
     no = jnp.zeros([], bool)
     if loss is None:
         zero = jnp.zeros([], jnp.float32)
@@ -128,16 +137,17 @@ def _judge_loss(loss: jax.Array | None, state: GuardState, loss_z: Any, alpha: A
         z_thresh=jnp.inf if loss_z is None else loss_z,
         min_gap=0.0,
     )
+    spike = j.outlier if loss_z is not None else no
+    rebase = spike & at_limit
     count, mean, var = robust_stats.record(
         state.loss_count,
         state.loss_mean,
         state.loss_var,
-        j.fed,
+        jnp.where(rebase, loss, j.fed),
         alpha=alpha,
         when=True,
-        outlier=j.outlier,
+        outlier=j.outlier & ~rebase,
     )
-    spike = j.outlier if loss_z is not None else no
     return _LossVerdict(~jnp.isfinite(loss), spike, loss, count, mean, var, j.z)
 
 
@@ -181,6 +191,12 @@ def guard(
     so one bad step cannot blind or sensitise the rule (see
     :mod:`adaptx._core.robust_stats`). Without ``value`` everything else works the same;
     ``loss_z`` without ``value`` is an error, so that the check cannot be lost silently.
+    Give ``loss_z`` a ``max_consecutive_skips``: a skipped step cannot lower the loss, so
+    once the loss has risen for good (a run already diverging), every later step is a
+    loss spike and the run freezes where it is. On the example's LM at learning rate 1,
+    ``robust_adamw(loss_z=6)`` without it ended at a held-out loss of 124-212 (3 seeds)
+    against 2.8-3.0 without ``loss_z``. A spike let through at the limit is recorded as it
+    is, so the loss statistics move to the new level.
 
     A skipped step returns zero updates and leaves the inner state bit-identical
     (no moment decay, no count increment), so parameters are untouched by
@@ -257,8 +273,13 @@ def guard(
         tu.check_float_leaves(fn, updates)
         norm = tu.global_norm(updates, axis_name).astype(jnp.float32)
         finite = jnp.isfinite(norm)
-        lv = _judge_loss(_read_loss(fn, extra_args, loss_z, axis_name), state, loss_z, loss_alpha)
         no = jnp.zeros([], bool)
+        if max_consecutive_skips is not None:
+            at_limit = state.consecutive >= jnp.asarray(max_consecutive_skips).astype(jnp.int32)
+        else:
+            at_limit = no
+        loss = _read_loss(fn, extra_args, loss_z, axis_name)
+        lv = _judge_loss(loss, state, loss_z, loss_alpha, at_limit)
         nonfinite = (~finite | lv.nonfinite) if skip_nonfinite else no
         if spike_z is not None:
             z = running_stats.zscore(norm, state.norm_mean, state.norm_var)
@@ -267,11 +288,7 @@ def guard(
         else:
             norm_spike = no
         spike = norm_spike | lv.spike
-        if max_consecutive_skips is not None:
-            limit = jnp.asarray(max_consecutive_skips).astype(jnp.int32)
-            forced = spike & (state.consecutive >= limit)
-        else:
-            forced = no
+        forced = spike & at_limit
         skip = nonfinite | (spike & ~forced)
         out, inner_state = _skip_inner(inner, updates, state, params, extra_args, skip)
 

@@ -39,6 +39,9 @@ OPTIMIZERS: dict[str, Callable] = {
     "adaptx.robust_adamw(loss_z=6)": lambda lr, wd, mask: adaptx.robust_adamw(
         lr, weight_decay=wd, mask=mask, loss_z=6.0
     ),
+    "adaptx.robust_adamw(loss_z=6, max_consecutive_skips=5)": lambda lr, wd, mask: (
+        adaptx.robust_adamw(lr, weight_decay=wd, mask=mask, loss_z=6.0, max_consecutive_skips=5)
+    ),
     # StableAdamW's own threshold, and no update clipping at all.
     "adaptx.robust_adamw(update_rms_clip=1)": lambda lr, wd, mask: adaptx.robust_adamw(
         lr, weight_decay=wd, mask=mask, update_rms_clip=1.0
