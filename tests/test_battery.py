@@ -54,21 +54,16 @@ CASES = {
     "clip_spikes": (adaptx.clip_spikes, {"z_thresh": 3.0, "min_ratio": 2.0}),
 }
 
-# Transforms added by later modules join the battery when present.
-OPTIONAL = {
-    "autoclip": {"percentile": 50.0},
-    "zclip": {"alpha": 0.9},
-    "adagc": {"beta": 0.9},
-    "stable_adamw": {"learning_rate": 1e-2},
-    "spam": {"learning_rate": 1e-2},
-    "robust_adamw": {"learning_rate": 1e-2},
-    "dynamic_loss_scale": {"init_scale": 8.0},
+CASES |= {
+    "autoclip": (adaptx.autoclip, {"percentile": 50.0}),
+    "zclip": (adaptx.zclip, {"alpha": 0.9}),
+    "adagc": (adaptx.adagc, {"beta": 0.9}),
+    "stable_adamw": (adaptx.stable_adamw, {"learning_rate": 1e-2}),
+    "spam": (adaptx.spam, {"learning_rate": 1e-2}),
+    "robust_adamw": (adaptx.robust_adamw, {"learning_rate": 1e-2}),
+    "dynamic_loss_scale": (adaptx.dynamic_loss_scale, {"init_scale": 8.0}),
+    "guard": (lambda: adaptx.guard(adaptx.adamw(1e-2)), {}),
 }
-for _name, _kw in OPTIONAL.items():
-    if hasattr(adaptx, _name):
-        CASES[_name] = (getattr(adaptx, _name), _kw)
-if hasattr(adaptx, "guard"):
-    CASES["guard"] = (lambda: adaptx.guard(adaptx.adamw(1e-2)), {})
 
 
 def make(name, **overrides):

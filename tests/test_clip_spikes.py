@@ -203,3 +203,33 @@ def test_telemetry_reports_the_figures():
         f"clip_spikes/{k}"
         for k in ("grad_norm", "threshold", "typical", "scale", "z", "spike", "num_clipped")
     }
+
+
+@pytest.mark.perf
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="HLO checked on XLA:CPU")
+def test_robust_adamw_detector_and_guard_add_one_full_size_pass():
+    """The guard's and the clip's norms are one reduction, and the skip is selected inside
+    Adam's fused update: one pass over the gradients more than the chain without them."""
+    from bench.hlo_report import kernel_rows
+
+    n = 1 << 20
+
+    def passes(tx):
+        p, g = jnp.zeros(n), jnp.full(n, 1e-3)
+
+        def step(params, state, grads):
+            u, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+            return optax.apply_updates(params, u), state
+
+        hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), g).compile().as_text()
+        rows = kernel_rows(hlo)
+        return round(
+            sum(r["in_bytes"] + r["out_bytes"] for r in rows if r["in_bytes"] >= 4 * n) / (4 * n)
+        )
+
+    base = optax.chain(
+        adaptx.scale_by_adam(update_rms_clip=5.0),
+        optax.add_decayed_weights(1e-4),
+        optax.scale(-1e-3),
+    )
+    assert passes(adaptx.robust_adamw(1e-3, weight_decay=1e-4)) <= passes(base) + 1

@@ -227,6 +227,7 @@ def _full_size_copies(tx, n):
     return [ln for ln in hlo.splitlines() if f"f32[{n}]" in ln and " copy(" in ln]
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="HLO checked on XLA:CPU")
 @pytest.mark.parametrize(
     "make", [lambda: adaptx.adamw(1e-3), lambda: adaptx.robust_adamw(1e-3)], ids=["adamw", "robust"]

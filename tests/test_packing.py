@@ -200,6 +200,7 @@ def _compiled(tx, params):
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile()
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="HLO checked on XLA:CPU")
 def test_about_one_kernel_per_small_leaf_and_no_copy():
     params = {f"b{i:02d}": jnp.zeros(1024) for i in range(64)}

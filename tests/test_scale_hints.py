@@ -78,6 +78,7 @@ def test_a_transform_in_between_hides_the_hint():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="memory analysis checked on XLA:CPU")
 def test_robust_adamw_needs_no_full_size_temporary():
     # Without the hint, XLA writes zclip's s * g out for the update-RMS reduction.

@@ -75,6 +75,7 @@ def test_spike_count_is_exact_on_a_large_tensor():
     assert int(state.spikes) == len(range(0, n, 3))
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="HLO checked on XLA:CPU")
 def test_spam_step_does_not_copy_the_second_moment():
     # The spike test needs v_{t-1}; if a kernel read it after v is updated in place, XLA
