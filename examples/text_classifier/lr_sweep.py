@@ -161,12 +161,28 @@ def table(result: dict) -> str:
         for lr in lrs:
             v = [x["loss"] for x in result["runs"][name][str(lr)]]
             n_bad = sum(not math.isfinite(x) for x in v)
-            cell = f"{s['mean_loss'][lr]:.3f}" + (f" ({n_bad} diverged)" if n_bad else "")
+            mean = s["mean_loss"].get(lr, s["mean_loss"].get(str(lr)))  # (keys are str in JSON)
+            cell = f"{mean:.3f}" + (f" ({n_bad} diverged)" if n_bad else "")
             cells.append(cell)
         lines.append(
             f"| `{name}` | "
             + " | ".join(cells)
             + f" | {s['sensitivity']:.4f} | {s['best_lr']:g} | {s['best_loss']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def accuracy_table(result: dict) -> str:
+    """Mean test accuracy per optimizer and learning rate (the classifier only)."""
+    lrs = result["lrs"]
+    lines = [
+        "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
+        "|" + " --- |" * (len(lrs) + 2),
+    ]
+    for name, r in result["runs"].items():
+        acc = [float(np.mean([x["accuracy"] for x in r[str(lr)]])) for lr in lrs]
+        lines.append(
+            f"| `{name}` | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {max(acc):.3f} |"
         )
     return "\n".join(lines)
 
@@ -208,6 +224,9 @@ def write(result: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"lr-sweep-{result['workload']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    stem.with_suffix(".md").write_text(table(result) + "\n")
+    text = table(result)
+    if result["workload"] != "lm":
+        text += "\n\nTest accuracy (mean over seeds):\n\n" + accuracy_table(result)
+    stem.with_suffix(".md").write_text(text + "\n")
     plot(result, stem.with_suffix(".png"))
     return stem

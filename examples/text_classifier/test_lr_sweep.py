@@ -66,7 +66,7 @@ def test_compare_lr_sweep_flag_runs_the_lm(tmp_path, monkeypatch):
             "--steps",
             "20",
             "--only",
-            "robust_adamw(loss_z",
+            "adaptx.robust_adamw(loss_z=6)",
             "--out",
             str(tmp_path),
         ]
