@@ -1360,7 +1360,7 @@ def speed_targets(add, tree, kind, limit, impl, cell, o):
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's targets, checked on the clip+adamw pipeline (and the recipes)."""
+    """The speed targets, checked on the clip+adamw pipeline (and the recipes)."""
     out = []
 
     def add(target, measured, met):
