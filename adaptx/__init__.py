@@ -20,6 +20,7 @@ from adaptx._clipping.value import clip_by_value
 from adaptx._clipping.zclip import ZClipState, zclip
 from adaptx._guards.guard import GuardState, guard
 from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
+from adaptx._guards.rewind import RewindState, rewind
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
 from adaptx._recipes.adamw import adamw
@@ -42,6 +43,7 @@ __all__ = (
     "EmaState",
     "GuardState",
     "MomentumState",
+    "RewindState",
     "ScaleByAdagradState",
     "ScaleByAdamGuardedState",
     "ScaleByAdamState",
@@ -60,6 +62,7 @@ __all__ = (
     "guard",
     "loss_scale",
     "momentum",
+    "rewind",
     "robust_adamw",
     "scale_by_adagrad",
     "scale_by_adam",

@@ -69,6 +69,7 @@ def test_every_public_factory_is_covered():
 EXTRA_COVERED = (
     "autoclip",
     "clip_spikes",
+    "rewind",
     "zclip",
     "adagc",
     "guard",

@@ -42,6 +42,10 @@ OPTIMIZERS: dict[str, Callable] = {
     "adaptx.robust_adamw(loss_z=6, max_consecutive_skips=5)": lambda lr, wd, mask: (
         adaptx.robust_adamw(lr, weight_decay=wd, mask=mask, loss_z=6.0, max_consecutive_skips=5)
     ),
+    # Back to the last snapshot (every 50 steps), learning rate halved, on a diverging loss.
+    "adaptx.rewind(robust_adamw)": lambda lr, wd, mask: adaptx.rewind(
+        adaptx.robust_adamw(lr, weight_decay=wd, mask=mask)
+    ),
     # StableAdamW's own threshold, and no update clipping at all.
     "adaptx.robust_adamw(update_rms_clip=1)": lambda lr, wd, mask: adaptx.robust_adamw(
         lr, weight_decay=wd, mask=mask, update_rms_clip=1.0
