@@ -210,26 +210,20 @@ def test_telemetry_reports_the_figures():
 def test_robust_adamw_detector_and_guard_add_one_full_size_pass():
     """The guard's and the clip's norms are one reduction, and the skip is selected inside
     Adam's fused update: one pass over the gradients more than the chain without them."""
-    from bench.hlo_report import kernel_rows
+    from bench.stability.probes import full_size_passes, unguarded_chain
 
-    n = 1 << 20
+    robust = full_size_passes(adaptx.robust_adamw(1e-3, weight_decay=1e-4), 1 << 20)
+    assert round(robust) <= round(full_size_passes(unguarded_chain(), 1 << 20)) + 1
 
-    def passes(tx):
-        p, g = jnp.zeros(n), jnp.full(n, 1e-3)
 
-        def step(params, state, grads):
-            u, state = tx.update(grads, state, params, value=jnp.float32(1.0))
-            return optax.apply_updates(params, u), state
+def test_telemetry_of_an_nnx_optimizer():
+    from flax import nnx
 
-        hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), g).compile().as_text()
-        rows = kernel_rows(hlo)
-        return round(
-            sum(r["in_bytes"] + r["out_bytes"] for r in rows if r["in_bytes"] >= 4 * n) / (4 * n)
-        )
-
-    base = optax.chain(
-        adaptx.scale_by_adam(update_rms_clip=5.0),
-        optax.add_decayed_weights(1e-4),
-        optax.scale(-1e-3),
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, adaptx.clip_spikes(), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+    optimizer.update(model, grads)
+    figures = adaptx.telemetry(optimizer)
+    assert float(figures["clip_spikes/typical"]) == pytest.approx(
+        float(figures["clip_spikes/grad_norm"])
     )
-    assert passes(adaptx.robust_adamw(1e-3, weight_decay=1e-4)) <= passes(base) + 1

@@ -28,8 +28,6 @@ class ClipSpikesState(NamedTuple):
         :math:`\\exp(b_t)` (``initial_max_norm`` at the first step, or 0 when there is
         none, as in the initial state; at most ``max_norm``). A spike is clipped to
         ``typical``.
-      typical: :math:`\\exp(\\mu)`, the running geometric mean of the norm after the last
-        step (float32).
       scale: factor the gradients were multiplied by at the last step, in [0, 1].
       z: z-score of the last step's log-norm, :math:`(\\log\\|g_t\\| - \\mu)/\\sigma`.
       spike: 1 if the last step's norm was an outlier, else 0 (int32).
@@ -41,11 +39,15 @@ class ClipSpikesState(NamedTuple):
     log_var: jax.Array
     grad_norm: jax.Array
     threshold: jax.Array
-    typical: jax.Array
     scale: jax.Array
     z: jax.Array
     spike: jax.Array
     num_clipped: jax.Array
+
+    @property
+    def typical(self) -> jax.Array:
+        """The running geometric mean of the norm, :math:`\\exp(\\mu)` (0 before any norm)."""
+        return jnp.where(jnp.greater(self.count, 0), jnp.exp(self.log_mean), 0.0)  # (nnx-safe)
 
 
 def clip_spikes(
@@ -169,7 +171,6 @@ def clip_spikes(
             log_var=scalar(0.0),
             grad_norm=scalar(0.0),
             threshold=scalar(0.0),
-            typical=scalar(0.0),
             scale=scalar(1.0),
             z=scalar(0.0),
             spike=scalar(0, jnp.int32),
@@ -219,7 +220,6 @@ def clip_spikes(
             log_var=var,
             grad_norm=n,
             threshold=threshold,
-            typical=jnp.where(count > 0, jnp.exp(mean), 0.0),
             scale=s,
             z=j.z,
             spike=j.outlier.astype(jnp.int32),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptx._core import robust_stats, running_stats, validate
+from adaptx._core import loss_value, robust_stats, running_stats, validate
 from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
@@ -83,35 +83,6 @@ class _LossVerdict(NamedTuple):
     mean: jax.Array
     var: jax.Array
     z: jax.Array
-
-
-def _read_loss(fn: str, extra_args: dict, loss_z: Any, axis_name: Any) -> jax.Array | None:
-    """The scalar loss passed as ``value=``, as float32, or ``None`` when there is none."""
-    value = extra_args.get("value")
-    if value is None:
-        if loss_z is not None:
-            raise ValueError(
-                f"{fn}: loss_z={loss_z!r} needs the loss, but no `value` was passed. "
-                "Call tx.update(grads, state, params, value=loss) "
-                "(or nnx_optimizer.update(model, grads, value=loss))."
-            )
-        return None
-    try:
-        v = jnp.asarray(value)
-    except TypeError:
-        v = None
-    if (
-        v is None
-        or v.ndim != 0
-        or not (jnp.issubdtype(v.dtype, jnp.floating) or v.dtype.kind in "iu")
-    ):
-        raise ValueError(
-            f"{fn}: `value` must be the scalar loss, got "
-            + (f"value={value!r}" if v is None else f"value of shape {v.shape}, dtype {v.dtype}")
-            + ". Pass e.g. value=loss where loss = jnp.mean(per_example_losses)."
-        )
-    v = v.astype(jnp.float32)
-    return v if axis_name is None else jax.lax.pmean(v, axis_name)
 
 
 def _judge_loss(
@@ -278,7 +249,8 @@ def guard(
             at_limit = state.consecutive >= jnp.asarray(max_consecutive_skips).astype(jnp.int32)
         else:
             at_limit = no
-        loss = _read_loss(fn, extra_args, loss_z, axis_name)
+        needs = None if loss_z is None else f"loss_z={loss_z!r}"
+        loss = loss_value.read(fn, extra_args, needed_by=needs, axis_name=axis_name)
         lv = _judge_loss(loss, state, loss_z, loss_alpha, at_limit)
         nonfinite = (~finite | lv.nonfinite) if skip_nonfinite else no
         if spike_z is not None:

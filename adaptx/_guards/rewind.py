@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptx._core import robust_stats, validate
+from adaptx._core import loss_value, robust_stats, validate
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
@@ -131,11 +131,7 @@ def rewind(
 
     def update_fn(updates, state, params=None, **extra_args):
         validate.require_params(fn, params)
-        if extra_args.get("value") is None:
-            raise ValueError(
-                f"{fn}: needs the loss: call tx.update(grads, state, params, value=loss)."
-            )
-        loss = jnp.asarray(extra_args["value"]).astype(jnp.float32)
+        loss = loss_value.read(fn, extra_args, needed_by="rewinding")
         ready = state.loss_count >= warmup
         bad = ~jnp.isfinite(loss) | (ready & (loss > loss_factor * state.loss_mean))
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)

@@ -226,8 +226,8 @@ def robust_adamw(
       badly under-estimates the gradient: at ``update_rms_clip=5``, not StableAdamW's 1.
       Measured on the example's BiLSTM and LM (healthy runs, after the first tenth), the
       largest per-tensor :math:`\sqrt{\mathrm{mean}(g^2/\hat v)}` exceeds 1 on 72-90 % of
-      the steps, 3 on 0.2-1.0 % and 5 on 0-0.3 %: at 1 it is a permanent change of the
-      step size, not a defense.
+      the steps, 3 on 0.2-1.0 % and 5 on 0-0.3 % (``python -m bench.stability.probes
+      update-rms``): at 1 it is a permanent change of the step size, not a defense.
 
     The defaults were chosen on the recorded runs of ``bench/stability`` (see
     ``bench/README.md``): on every healthy run the clip and the guard intervene on at

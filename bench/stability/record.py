@@ -33,6 +33,26 @@ def example(name: str):
     return __import__(name)
 
 
+def _train_unprotected(config, tx, steps: int, optimizer: str) -> dict:
+    """One example-classifier run of ``steps`` steps with ``tx``, in the record's format."""
+    result = example("train").train(
+        config,
+        tx=tx,
+        max_steps=steps,
+        early_stopping=False,
+        log=lambda *_: None,
+        write_files=False,
+        validate=False,
+    )
+    return {
+        "history": result["history"],
+        "config": dataclasses.asdict(config),
+        "optimizer": optimizer,
+        "final": result["test_accuracy"],
+        "learned": result["test_accuracy"] >= 0.6,
+    }
+
+
 def classifier(scenario: str, seed: int, steps: int) -> dict:
     """A compare.py scenario of the example's classifier, with optax.adamw and no clipping."""
     import optax
@@ -42,22 +62,7 @@ def classifier(scenario: str, seed: int, steps: int) -> dict:
     config = train.Config(**fields, seed=seed, progress=False)
     lr = train.learning_rate(config, steps)
     tx = optax.adamw(lr, weight_decay=config.weight_decay, mask=train.decay_mask)
-    result = train.train(
-        config,
-        tx=tx,
-        max_steps=steps,
-        early_stopping=False,
-        log=lambda *_: None,
-        write_files=False,
-        validate=False,
-    )
-    return {
-        "history": result["history"],
-        "config": dataclasses.asdict(config),
-        "optimizer": "optax.adamw (no clipping)",
-        "final": result["test_accuracy"],
-        "learned": result["test_accuracy"] >= 0.6,
-    }
+    return _train_unprotected(config, tx, steps, "optax.adamw (no clipping)")
 
 
 def rnn(seed: int, steps: int) -> dict:
@@ -67,22 +72,7 @@ def rnn(seed: int, steps: int) -> dict:
     train, compare = example("train"), example("compare")
     config = train.Config(**compare.SCENARIOS["rnn"]["config"], seed=seed, progress=False)
     tx = optax.sgd(config.lr, momentum=0.9)
-    result = train.train(
-        config,
-        tx=tx,
-        max_steps=steps,
-        early_stopping=False,
-        log=lambda *_: None,
-        write_files=False,
-        validate=False,
-    )
-    return {
-        "history": result["history"],
-        "config": dataclasses.asdict(config),
-        "optimizer": "optax.sgd(momentum=0.9) (no clipping)",
-        "final": result["test_accuracy"],
-        "learned": result["test_accuracy"] >= 0.6,
-    }
+    return _train_unprotected(config, tx, steps, "optax.sgd(momentum=0.9) (no clipping)")
 
 
 def lm(peak_lr: float, seed: int, steps: int) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import adaptx
-from bench.stability import cost, defenses, report
+from bench.stability import cost, defenses, probes, report
 from bench.stability import replay as replay_lib
 
 HERE = Path(__file__).resolve().parent
@@ -74,11 +74,7 @@ def calibrate(traces: dict) -> list[dict]:
 
 def step_cost(chosen, quick: bool) -> dict:
     variants = {"adaptx.adamw": lambda: adaptx.adamw(defenses.LR, max_norm=None)}
-    variants["AdamW + update clip, no detector or guard"] = lambda: optax.chain(
-        adaptx.scale_by_adam(update_rms_clip=1.0),
-        optax.add_decayed_weights(1e-4),
-        optax.scale(-defenses.LR),
-    )
+    variants["AdamW + update clip, no detector or guard"] = probes.unguarded_chain
     for d in chosen:
         if d.recipe is not None:
             variants[d.name] = d.recipe

@@ -1,0 +1,115 @@
+"""The small measurements behind three of the recipe's choices, one command each.
+
+python -m bench.stability.probes update-rms   # how often update clipping acts, by threshold
+python -m bench.stability.probes decay        # LR-independent weight decay on the LM, seed 0
+python -m bench.stability.probes passes       # full-size passes of robust_adamw and its chain
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from bench.stability.record import example
+
+
+def update_rms() -> None:
+    """The largest per-tensor update RMS of healthy runs, update clipping measured, not applied."""
+    import adaptx
+
+    train, compare, lm = example("train"), example("compare"), example("lm")
+    cfg = train.Config(**compare.SCENARIOS["lstm"]["config"], progress=False)
+    lr = train.learning_rate(cfg, 318)
+    never = 1e9  # computes the RMS, never clips
+    tx = adaptx.robust_adamw(lr, weight_decay=1e-4, mask=train.decay_mask, update_rms_clip=never)
+    runs = {
+        "lstm": train.train(
+            cfg,
+            tx=tx,
+            max_steps=318,
+            early_stopping=False,
+            log=lambda *_: None,
+            write_files=False,
+            validate=False,
+        )["history"]
+    }
+    c = lm.LMConfig(peak_lr=1e-2)
+    tx = adaptx.robust_adamw(lm.learning_rate(c), weight_decay=0.1, update_rms_clip=never)
+    runs["lm lr 1e-2"] = lm.train_lm(c, tx)["history"]
+    for name, hist in runs.items():
+        v = np.array([h["scale_by_adam/max_update_rms"] for h in hist])[len(hist) // 10 :]
+        above = ", ".join(f"> {d:g}: {100 * (v > d).mean():.1f} %" for d in (1, 1.5, 2, 3, 5))
+        print(f"{name}: steps after the first tenth with the largest update RMS {above}")
+
+
+def decay() -> None:
+    """Coupled AdamW decay 0.1 against the best learning rate's decay held fixed, and none."""
+    import optax
+
+    lm = example("lm")
+    data = lm.load_text(lm.LMConfig())
+    for lr in (0.4, 1.0):
+        for label, wd in (("coupled 0.1", 0.1), ("independent", 0.1 * 1e-2 / lr), ("none", 0.0)):
+            c = lm.LMConfig(peak_lr=lr)
+            r = lm.train_lm(c, optax.adamw(lm.learning_rate(c), weight_decay=wd), data=data)
+            print(f"peak lr {lr:g}, decay {label} ({wd:.4g}): held-out loss {r['val_loss']:.4f}")
+
+
+def full_size_passes(tx, n: int = 1 << 22) -> float:
+    """Bytes the compiled, donated step of ``tx`` moves on one ``n``-element leaf, in
+    full-size arrays (kernels that read or write a full-size array; ``hlo_report``)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from bench.hlo_report import kernel_rows
+
+    p, g = jnp.zeros(n), jnp.full(n, 1e-3)
+
+    def step(params, state, grads):
+        u, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+        return optax.apply_updates(params, u), state
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), g).compile().as_text()
+    rows = [r for r in kernel_rows(hlo) if r["in_bytes"] >= 4 * n or r["out_bytes"] >= 4 * n]
+    return sum(r["in_bytes"] + r["out_bytes"] for r in rows) / (4 * n)
+
+
+def unguarded_chain():
+    """``robust_adamw``'s chain without its detector and guard."""
+    import optax
+
+    import adaptx
+
+    return optax.chain(
+        adaptx.scale_by_adam(update_rms_clip=5.0),
+        optax.add_decayed_weights(1e-4),
+        optax.scale(-1e-3),
+    )
+
+
+def passes() -> None:
+    """Full-size passes of robust_adamw, its chain, and adaptx.adamw with and without clip."""
+    import adaptx
+
+    for name, tx in {
+        "AdamW + update clip (the chain without detector and guard)": unguarded_chain(),
+        "adaptx.robust_adamw": adaptx.robust_adamw(1e-3),
+        "adaptx.adamw, no clip": adaptx.adamw(1e-3, max_norm=None),
+        "adaptx.adamw (global-norm clip)": adaptx.adamw(1e-3),
+    }.items():
+        print(f"{name}: {full_size_passes(tx):.0f} full-size passes")
+
+
+PROBES = {"update-rms": update_rms, "decay": decay, "passes": passes}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("probe", choices=sorted(PROBES), help="which measurement to run")
+    PROBES[p.parse_args(argv).probe]()
+
+
+if __name__ == "__main__":
+    main()
