@@ -23,11 +23,12 @@ from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale,
 from adaptx._guards.rewind import RewindState, rewind
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
-from adaptx._recipes.adamw import adamw
+from adaptx._recipes.adamw import adam_atan2, adamw
 from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
 from adaptx._recipes.sgd import sgd
 from adaptx._scaling.adagrad import ScaleByAdagradState, scale_by_adagrad
 from adaptx._scaling.adam import ScaleByAdamGuardedState, ScaleByAdamState, scale_by_adam
+from adaptx._scaling.adam_atan2 import ScaleByAdamAtan2State, scale_by_adam_atan2
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
 
@@ -45,11 +46,13 @@ __all__ = (
     "MomentumState",
     "RewindState",
     "ScaleByAdagradState",
+    "ScaleByAdamAtan2State",
     "ScaleByAdamGuardedState",
     "ScaleByAdamState",
     "ScaleByRmsState",
     "ZClipState",
     "adagc",
+    "adam_atan2",
     "adamw",
     "adaptive_grad_clip",
     "autoclip",
@@ -66,6 +69,7 @@ __all__ = (
     "robust_adamw",
     "scale_by_adagrad",
     "scale_by_adam",
+    "scale_by_adam_atan2",
     "scale_by_rms",
     "sgd",
     "spam",

@@ -96,5 +96,7 @@ def telemetry(opt_state: Any) -> dict[str, jax.Array]:
     for (path, node), name in zip(states, names, strict=True):
         prefix = name if names.count(name) == 1 else f"{path}/{name}"
         for field in registered(node)[1]:
-            out[f"{prefix}/{field}"] = _scalar(getattr(node, field))
+            value = getattr(node, field)
+            if value is not None:  # a figure the transform was not asked to keep
+                out[f"{prefix}/{field}"] = _scalar(value)
     return out

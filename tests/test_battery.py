@@ -50,6 +50,12 @@ CASES = {
         ),
         {"b1": 0.8},
     ),
+    "scale_by_adam_atan2": (adaptx.scale_by_adam_atan2, {"b1": 0.8, "a": 1.5}),
+    "adam_atan2": (adaptx.adam_atan2, {"learning_rate": 1e-2, "weight_decay": 1e-2}),
+    "adam_atan2_packed": (
+        functools.partial(adaptx.adam_atan2, pack_small_leaves=8),
+        {"learning_rate": 1e-2},
+    ),
     "sgd": (adaptx.sgd, {"learning_rate": 1e-2, "momentum": 0.5}),
     "clip_spikes": (adaptx.clip_spikes, {"z_thresh": 3.0, "min_ratio": 2.0}),
 }

@@ -1,4 +1,4 @@
-"""AdamW with global-norm clipping."""
+"""AdamW with global-norm clipping, and Adam-atan2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from adaptx._core import hints as hints_lib
 from adaptx._core import validate
 from adaptx._recipes.common import add_decayed_weights, check_learning_rate, optional_clip
 from adaptx._scaling.adam import scale_by_adam
+from adaptx._scaling.adam_atan2 import scale_by_adam_atan2
 
 
 def adamw(
@@ -98,6 +99,92 @@ def adamw(
             b1,
             b2,
             eps,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            nesterov=nesterov,
+            pack_small_leaves=pack_small_leaves,
+        ),
+        add_decayed_weights(fn, weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam_atan2(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    a: float = 1.27,
+    b: float = 1.0,
+    max_norm: float | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+    pack_small_leaves: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam-atan2 with decoupled weight decay (Everett et al. 2024).
+
+    .. math::
+
+      \theta_t = \theta_{t-1} - \eta_t \left( a \operatorname{atan2}\!\left(\hat m_t,
+        b\sqrt{\hat v_t}\right) + \lambda\, \theta_{t-1} \right)
+
+    with :math:`\hat m_t, \hat v_t` Adam's bias-corrected moments (see
+    :func:`adaptx.scale_by_adam_atan2`): no epsilon, scale-invariant, and every
+    element of the step bounded by :math:`\eta_t a \pi / 2` before weight decay.
+    Unlike :func:`adaptx.adamw`, no global-norm clip by default (``max_norm=None``):
+    the step is bounded by construction.
+
+    Args:
+      learning_rate: :math:`\eta`, a number or an optax schedule ``step -> lr``.
+      b1: decay of the first moment.
+      b2: decay of the second moment (0.99, as in the reference implementations).
+      weight_decay: :math:`\lambda \ge 0`, decoupled weight decay.
+      mask: a tree of booleans (or a function of the params returning one) saying
+        which parameters are decayed.
+      a: the step's scale (1.27).
+      b: the second moment's weight inside ``atan2`` (1).
+      max_norm: a global-norm clip before the moments; ``None`` (default) for none.
+      mu_dtype: storage dtype of the first moment.
+      nu_dtype: storage dtype of the second moment.
+      nesterov: use NAdam's Nesterov momentum.
+      pack_small_leaves: keep the moments of leaves with at most this many elements
+        in flat buffers; see :func:`adaptx.scale_by_adam`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+      when ``weight_decay`` is not zero.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, adaptx
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = adaptx.adam_atan2(1e-2, weight_decay=0.0)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([1e9, 1.0, -1e-9])}, state, params)
+      >>> optax.apply_updates(params, updates)["w"]   # the same step whatever the scale
+      Array([0.99002..., 0.99002..., 1.00997...], dtype=float32)
+
+    References:
+      Everett et al., `Scaling Exponents Across Parameterizations and Optimizers
+      <https://arxiv.org/abs/2407.05872>`_, ICML 2024.
+
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+    """
+    fn = "adam_atan2"
+    check_learning_rate(fn, learning_rate)
+    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
+    if max_norm is not None:
+        validate.check_nonnegative(fn, "max_norm", max_norm)
+    return hints_lib.hinted_chain(
+        optional_clip(max_norm),
+        scale_by_adam_atan2(
+            b1,
+            b2,
+            a,
+            b,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
             nesterov=nesterov,

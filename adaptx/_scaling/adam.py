@@ -6,42 +6,29 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from adaptx._core import hints as hints_lib
-from adaptx._core import packing, validate
-from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
+from adaptx._core import validate
 from adaptx._core.telemetry import reports
+from adaptx._scaling import adam_engine as engine
+from adaptx._scaling import spam, update_rms
 
 
+@reports("scale_by_adam", "spikes", "update_clipped", "max_update_rms", "momentum_scale")
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`.
+    r"""State of :func:`scale_by_adam`.
+
+    The four figures after ``nu`` are kept when a spike defense (SPAM's clip or
+    reset, or update clipping) is on, and are ``None`` otherwise, so a plain Adam
+    state holds only what ``optax.ScaleByAdamState`` holds and reports nothing to
+    :func:`adaptx.telemetry`.
 
     Attributes:
       count: number of updates applied so far (int32, saturating).
       mu: first-moment estimate, one array per parameter, in ``mu_dtype`` (with
         ``pack_small_leaves``, a ``PackedTree``: see :func:`scale_by_adam`).
       nu: second-moment estimate, one array per parameter, in ``nu_dtype`` (likewise).
-      offsets: with ``pack_small_leaves``, each packed leaf's start in the flat
-        buffers (int32 arrays of shape [1]); empty otherwise.
-    """
-
-    count: jax.Array
-    mu: optax.Updates
-    nu: optax.Updates
-    offsets: tuple = ()
-
-
-@reports("scale_by_adam", "spikes", "update_clipped", "max_update_rms", "momentum_scale")
-class ScaleByAdamGuardedState(NamedTuple):
-    r"""State of :func:`scale_by_adam` when SPAM or update clipping is switched on.
-
-    Attributes:
-      count: number of updates applied so far (int32, saturating).
-      mu: first-moment estimate, one array per parameter, in ``mu_dtype``.
-      nu: second-moment estimate, one array per parameter, in ``nu_dtype``.
       spikes: gradient elements clipped by the spike rule at the last step (int32).
       update_clipped: tensors whose step was scaled down by update clipping at the
         last step (int32).
@@ -56,11 +43,15 @@ class ScaleByAdamGuardedState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
-    spikes: jax.Array
-    update_clipped: jax.Array
-    max_update_rms: jax.Array
-    momentum_scale: jax.Array
+    spikes: jax.Array | None = None
+    update_clipped: jax.Array | None = None
+    max_update_rms: jax.Array | None = None
+    momentum_scale: jax.Array | None = None
     offsets: tuple = ()
+
+
+#: Former name of :class:`ScaleByAdamState` with the defense figures; the same class.
+ScaleByAdamGuardedState = ScaleByAdamState
 
 
 def scale_by_adam(
@@ -135,9 +126,9 @@ def scale_by_adam(
     update. When the second moment under-estimates the current gradient (the
     situation that precedes loss spikes), the step shrinks instead of exploding.
 
-    When any of these is on, the state is a :class:`ScaleByAdamGuardedState`,
-    which keeps the number of clipped elements, update-clipped tensors, the largest
-    update RMS ratio and the warm-up factor for :func:`adaptx.telemetry`.
+    When any of these is on, the state (:class:`ScaleByAdamState`) also keeps the
+    number of clipped elements, update-clipped tensors, the largest update RMS ratio
+    and the warm-up factor for :func:`adaptx.telemetry`.
 
     **Many small leaves.** With ``pack_small_leaves`` :math:`k`, the moments of every
     leaf with at most :math:`k` elements live in one flat buffer per dtype (a
@@ -230,255 +221,86 @@ def scale_by_adam(
     pack_small_leaves = validate.static_int(
         fn, "pack_small_leaves", pack_small_leaves, low=1, allow_none=True, example="65536"
     )
-    mu_dtype = tu.canonical_dtype(mu_dtype)
-    nu_dtype = tu.canonical_dtype(nu_dtype)
-    guarded = any(x is not None for x in (spike_threshold, reset_interval, update_rms_clip))
+    defended = any(x is not None for x in (spike_threshold, reset_interval, update_rms_clip))
+    moments, scalars = _moment_rule(spike_threshold, reset_interval, reset_warmup, spike_start)
+    method = adam_method(
+        fn,
+        eps,
+        eps_root,
+        nesterov=nesterov,
+        moments=moments,
+        scalars=scalars,
+        reduction=None if update_rms_clip is None else update_rms.reduction(update_rms_clip, eps),
+        changes_grad=spike_threshold is not None,
+    )
 
-    def init_fn(params):
-        count = jnp.zeros([], jnp.int32)
-        if pack_small_leaves is None:
-            mu = tu.zeros_like(params, dtype=mu_dtype)
-            nu = tu.zeros_like(params, dtype=nu_dtype)
-            starts = ()
-        else:
-            layout = packing.plan(params, pack_small_leaves)
-            mu = packing.zeros(layout, params, mu_dtype)
-            nu = packing.zeros(layout, params, nu_dtype)
-            starts = packing.offsets(layout)
-        if not guarded:
-            return ScaleByAdamState(count=count, mu=mu, nu=nu, offsets=starts)
-        return ScaleByAdamGuardedState(
-            count=count,
-            mu=mu,
-            nu=nu,
-            spikes=jnp.zeros([], jnp.int32),
-            update_clipped=jnp.zeros([], jnp.int32),
-            max_update_rms=jnp.zeros([], jnp.float32),
-            momentum_scale=jnp.ones([], jnp.float32),
-            offsets=starts,
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        signal = skip_lib.from_extra_args(extra_args)
-        hints = hints_lib.from_extra_args(extra_args)
-        tu.check_float_leaves(fn, updates)
-        packed = isinstance(state.mu, packing.PackedTree)
-        if packed:
-            packing.check(fn, updates, state.mu.layout)
-        else:
-            tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu", shapes=True)
-        f32 = jnp.float32
-        previous = state.count  # steps taken before this one
-        count = tu.safe_increment(previous)
-        # Step-dependent scalars, computed once for the whole tree.
-        c1, c2 = tu.as_scalar(b1, f32), tu.as_scalar(b2, f32)
-        bc2 = tu.bias_correction(c2, count)
-        inv_bc2 = 1.0 / bc2
-        if nesterov:
-            k_mu = c1 / tu.bias_correction(c1, tu.safe_increment(count))
-            k_g = (1.0 - c1) / tu.bias_correction(c1, count)
-        else:
-            k_mu = 1.0 / tu.bias_correction(c1, count)
-            k_g = jnp.zeros([], f32)
-        e, e_root = tu.as_scalar(eps, f32), tu.as_scalar(eps_root, f32)
-        keep, spike_on, warm = _spam_schedule(count, reset_interval, reset_warmup, spike_start)
-        theta = tu.as_scalar(spike_threshold if spike_threshold is not None else 0.0, f32)
-        d = tu.as_scalar(update_rms_clip if update_rms_clip is not None else 1.0, f32)
-
-        def floor_of(v_, acc):  # max(v, bc2 eps^2): see the update-RMS comment below
-            e_, bc2_ = e.astype(acc), bc2.astype(acc)
-            return jnp.maximum(v_, bc2_ * (e_ * e_))
-
-        def clip_factor(rms, acc):
-            return 1 / jnp.maximum(jnp.ones([], acc), rms.astype(acc) / d.astype(acc))
-
-        def ratio_terms(g, v):
-            """The elements of StableAdamW's mean, ``bc2 g^2 / max(v, bc2 eps^2)`` (new v)."""
-            acc = tu.compute_dtype(g.dtype, v.dtype)
-            g_ = g.astype(acc)
-            return bc2.astype(acc) * (g_ * (g_ / floor_of(v.astype(acc), acc)))
-
-        def leaf(g, m, v, per_tensor=True):
-            acc = tu.compute_dtype(g.dtype, m.dtype, v.dtype)
-            g_, m_, v_ = g.astype(acc), m.astype(acc), v.astype(acc)
-            b1_, b2_ = c1.astype(acc), c2.astype(acc)
-            n_spikes = jnp.zeros([], jnp.int32)
-            if reset_interval is not None:  # moments restart from zero at a reset step
-                m_ = m_ * keep.astype(acc)
-                v_ = v_ * keep.astype(acc)
-            g_sq = g_ * g_
-            if spike_threshold is None:
-                m_ = (1 - b1_) * g_ + b1_ * m_
-                v_ = (1 - b2_) * g_sq + b2_ * v_
-            else:
-                theta_ = theta.astype(acc)
-                # An element with no second-moment history (v = 0: never seen a nonzero
-                # gradient, e.g. an embedding row) has no reference and is not clipped.
-                # The mask is written out once (one byte per element): the count and
-                # both moments read it, so no kernel needs v_{t-1} after v is updated in
-                # place, and XLA does not copy v.
-                is_spike = jax.lax.optimization_barrier(spike_on & (v_ > 0) & (g_sq > theta_ * v_))
-                n_spikes = _count_true(is_spike)
-                # A clipped element enters v as its bound theta v_{t-1}, so then
-                # v_t = (b2 + (1 - b2) theta) v_{t-1}, and the bound the first moment
-                # needs, sqrt(theta v_{t-1}), is sqrt(theta v_t / (b2 + (1 - b2) theta)).
-                v_ = (1 - b2_) * jnp.where(is_spike, theta_ * v_, g_sq) + b2_ * v_
-                grow = b2_ + (1 - b2_) * theta_
-                bound = jnp.sqrt(theta_ * (v_ / grow))
-                g_ = jnp.where(is_spike, jnp.sign(g_) * bound, g_)
-                m_ = (1 - b1_) * g_ + b1_ * m_
-            # Inside a guard, a skipped step keeps the old moments (adaptx._core.skip).
-            m_, v_ = skip_lib.hold(signal, m, m_), skip_lib.hold(signal, v, v_)
-            m_hat = k_mu.astype(acc) * m_
-            if nesterov:
-                m_hat = m_hat + k_g.astype(acc) * g_
-            v_hat = v_ * inv_bc2.astype(acc)
-            u = m_hat / (jnp.sqrt(v_hat + e_root.astype(acc)) + e.astype(acc))
-            rms = jnp.zeros([], f32)
-            if update_rms_clip is not None and per_tensor:
-                # mean(g^2 / max(v_hat, eps^2)) with v_hat = v / bc2, written as
-                # bc2 * mean(g^2 / max(v, bc2 eps^2)): the same number, but the reduction
-                # reads v itself, so XLA does not write v_hat out as a temporary.
-                bc2_ = bc2.astype(acc)
-                floor = floor_of(v_, acc)
-                scaled = hints.lookup(g) if hints is not None else None
-                if scaled is not None and spike_threshold is None:
-                    # g = s * g0 from a clip before: s^2 mean(g0^2 / ...) reads g0 itself,
-                    # so XLA does not write s * g0 out (adaptx._core.hints).
-                    g0, s0 = scaled[0].astype(acc), scaled[1].astype(acc)
-                    ratio = (s0 * s0) * bc2_ * jnp.mean(g0 * (g0 / floor))
-                else:
-                    ratio = bc2_ * jnp.mean(g_ * (g_ / floor))
-                rms = jnp.sqrt(ratio).astype(f32)
-                u = u * clip_factor(rms, acc)
-            if reset_interval is not None:
-                u = u * warm.astype(acc)
-            u = skip_lib.silence(signal, u)
-            m_ = skip_lib.kept(signal, m, tu.to_storage(m_, m.dtype))
-            v_held = v_
-            v_ = skip_lib.kept(signal, v, tu.to_storage(v_, v.dtype))
-            # A packed buffer's update is scaled per tensor later: keep it in acc until then,
-            # and hand over v in acc too (its per-tensor RMS reads it, as the one above does).
-            if update_rms_clip is not None and not per_tensor:
-                return (u, m_, v_, n_spikes, rms, v_held)
-            return (u.astype(g.dtype), m_, v_, n_spikes, rms, None)
-
-        if packed:
-            per_tensor = None
-            if update_rms_clip is not None:
-                per_tensor = (ratio_terms, clip_factor, signal)
-            u, mu, nu, spikes, rms = _packed_update(leaf, updates, state, hints, per_tensor)
-        else:
-            out = jax.tree.map(leaf, updates, state.mu, state.nu)
-            u, mu, nu, spikes, rms, _ = tu.unzip(out, updates, 6)
-        starts = tuple(skip_lib.kept(signal, o, o) for o in state.offsets)
-        if not guarded:
-            return u, ScaleByAdamState(count=count, mu=mu, nu=nu, offsets=starts)
-        spikes, rms = jax.tree.leaves(spikes), jax.tree.leaves(rms)
-        zero_i, zero_f = jnp.zeros([], jnp.int32), jnp.zeros([], f32)
-        clipped = []
-        if update_rms_clip is not None:  # a packed buffer gives a vector, one per tensor
-            clipped = [
-                jnp.sum(r > d, dtype=jnp.int32) if r.ndim else (r > d).astype(jnp.int32)
-                for r in rms
-            ]
-        rms = [jnp.max(r) if r.ndim else r for r in rms]
-        return u, ScaleByAdamGuardedState(
-            count=count,
-            mu=mu,
-            nu=nu,
-            spikes=sum(spikes, zero_i),
-            update_clipped=sum(clipped, zero_i),
-            max_update_rms=jnp.max(jnp.stack(rms)) if rms else zero_f,
+    def make_state(moments: engine.Moments, step: engine.Step | None) -> ScaleByAdamState:
+        state = ScaleByAdamState(moments.count, moments.mu, moments.nu, offsets=moments.offsets)
+        if not defended:
+            return state
+        if step is None:
+            return state._replace(  # distinct arrays: a fresh state may be donated
+                spikes=jnp.zeros([], jnp.int32),
+                update_clipped=jnp.zeros([], jnp.int32),
+                max_update_rms=jnp.zeros([], jnp.float32),
+                momentum_scale=jnp.ones([], jnp.float32),
+            )
+        warm = spam.schedule(moments.count, reset_interval, reset_warmup, spike_start)[2]
+        return state._replace(
+            spikes=step.changed,
+            update_clipped=step.exceeded,
+            max_update_rms=step.max_stat,
             momentum_scale=warm,
-            offsets=starts,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return engine.transformation(
+        method,
+        b1,
+        b2,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        pack_small_leaves=pack_small_leaves,
+        make_state=make_state,
+    )
 
 
-def _packed_update(leaf, updates, state, hints, per_tensor=None):
-    """``leaf`` over the flat buffers and big leaves of a packed state.
+def adam_method(
+    fn: str,
+    eps: float | jax.Array,
+    eps_root: float | jax.Array,
+    *,
+    nesterov: bool = False,
+    moments=engine.ema_moments,
+    scalars=engine.no_scalars,
+    reduction: engine.Reduction | None = None,
+    changes_grad: bool = False,
+) -> engine.Method:
+    r"""Adam's step as an engine method.
 
-    ``per_tensor``: ``(ratio, clip_factor, signal)`` when StableAdamW's update clipping
-    is on. The per-element terms of every packed tensor's RMS are then summed by tensor
-    in one segment sum over the flat buffer, each tensor's factor is computed at once for
-    all of them, and the flat update is scaled element by element (a gather of the
-    factors) before the leaves are cut out of it: one kernel a leaf, as without clipping.
-
-    Returns the update as a tree shaped like ``updates``, the new packed moments, and the
-    spike counts (per buffer) and RMS values (per big leaf, and a vector per buffer).
+    The step is :math:`\hat m / (\sqrt{\hat v + \epsilon_{root}} + \epsilon)`.
     """
-    layout = state.mu.layout
-    g_flats, g_bigs = packing.pack(layout, updates, hints)
-    grads = g_flats + g_bigs
-    n = len(g_flats)
-    outs = [
-        leaf(g, m, v, per_tensor=k >= n)
-        for k, (g, m, v) in enumerate(
-            zip(grads, state.mu.flats + state.mu.bigs, state.nu.flats + state.nu.bigs, strict=True)
-        )
-    ]
-    rms = [o[4] for o in outs[n:]]
-    u_flats = []
-    for k, group in enumerate(layout.groups):
-        u = outs[k][0]
-        if per_tensor is not None:
-            ratio, clip_factor, signal = per_tensor
-            sizes = np.array([layout.size(i) for i in group])
-            seg = jnp.asarray(np.repeat(np.arange(len(group), dtype=np.int32), sizes))
-            terms = ratio(g_flats[k], outs[k][5])  # g^2 / max(v, bc2 eps^2), elementwise
-            sums = jax.ops.segment_sum(terms, seg, len(group), indices_are_sorted=True)
-            r = jnp.sqrt(sums / jnp.asarray(sizes, sums.dtype)).astype(jnp.float32)
-            rms.append(r)
-            # silenced again: on a skipped (non-finite) step the factor may be NaN
-            u = skip_lib.silence(signal, u * clip_factor(r, u.dtype)[seg])
-            u = u.astype(g_flats[k].dtype)
-        # The flat update is written out once; without the barrier XLA fuses its whole
-        # computation (the concatenation included) into every leaf's slice, and each of
-        # those kernels becomes a distinct and large one.
-        u_flats.append(jax.lax.optimization_barrier(u))
-    u_bigs = tuple(o[0] for o in outs[n:])
-    leaves, treedef = jax.tree.flatten(updates)
-    dtypes = tuple(jnp.result_type(x) for x in leaves)
-    u = packing.unpack(layout, tuple(u_flats), u_bigs, state.offsets, dtypes, treedef)
-    mu = packing.PackedTree([o[1] for o in outs[:n]], [o[1] for o in outs[n:]], layout)
-    nu = packing.PackedTree([o[2] for o in outs[:n]], [o[2] for o in outs[n:]], layout)
-    return u, mu, nu, [o[3] for o in outs], rms
+    e, e_root = tu.as_scalar(eps, jnp.float32), tu.as_scalar(eps_root, jnp.float32)
+
+    def direction(k: dict, m_hat: jax.Array, v_hat: jax.Array) -> jax.Array:
+        acc = m_hat.dtype
+        return m_hat / (jnp.sqrt(v_hat + e_root.astype(acc)) + e.astype(acc))
+
+    return engine.Method(
+        name=fn,
+        scalars=scalars,
+        moments=moments,
+        direction=direction,
+        reduction=reduction,
+        changes_grad=changes_grad,
+        nesterov=nesterov,
+    )
 
 
-def _count_true(mask: jax.Array, row: int = 64) -> jax.Array:
-    """Number of true entries of a boolean array, as int32.
-
-    Summed first in rows of ``row`` elements in int8 (no row sum can overflow), then the
-    row sums in int32. XLA:CPU writes a widened copy of the mask before reducing it; this
-    way the copy has one byte per element rather than four.
-    """
-    if mask.size % row or packing.is_sharded(mask):  # a sharded array is not reshaped
-        return jnp.sum(mask, dtype=jnp.int32)
-    return jnp.sum(jnp.sum(mask.reshape(-1, row), axis=1, dtype=jnp.int8), dtype=jnp.int32)
-
-
-def _spam_schedule(
-    count: jax.Array, reset_interval: int | None, warmup: int, spike_start: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """SPAM's per-step scalars: (keep the moments?, spike rule on?, warm-up factor).
-
-    ``count`` is this step's 1-based index. Resets happen at steps ``k * reset_interval``;
-    the warm-up factor at ``j`` steps after a reset is ``1 - 0.99 (1 + cos(pi j / (W+1))) / 2``
-    for ``j < W`` and 1 otherwise, as in the paper's reference code.
-    """
-    f32 = jnp.float32
-    on = count >= spike_start
-    if reset_interval is None:
-        return jnp.ones([], f32), on, jnp.ones([], f32)
-    phase = count % reset_interval  # steps since the last reset (0 at a reset step)
-    reset_now = phase == 0
-    keep = jnp.where(reset_now, 0.0, 1.0).astype(f32)
-    on = jnp.logical_and(on, phase >= spike_start)
-    after_first = count >= reset_interval
-    j = phase.astype(f32)
-    cosine = 1.0 - 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * j / (warmup + 1)))
-    warm = jnp.where(jnp.logical_and(after_first, phase < warmup), cosine, 1.0).astype(f32)
-    return keep, on, warm
+def _moment_rule(spike_threshold, reset_interval, reset_warmup, spike_start):
+    """(moments, scalars) of Adam, or of SPAM when its clip or reset is on."""
+    if spike_threshold is None and reset_interval is None:
+        return engine.ema_moments, engine.no_scalars
+    return (
+        spam.moments(spike=spike_threshold is not None, reset=reset_interval is not None),
+        spam.scalars(spike_threshold, reset_interval, reset_warmup, spike_start),
+    )
