@@ -211,6 +211,7 @@ def test_tiny_training_learns_and_writes_its_outputs(tiny_run):
     )
     assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3]
     assert (run / "training.png").stat().st_size > 10_000
+    assert (run / "stability.png").stat().st_size > 10_000
     saved = json.loads((run / "results.json").read_text())
     assert saved["test_accuracy"] == result["test_accuracy"]
 
@@ -404,7 +405,8 @@ def test_two_processes_match_two_devices(two_device_run, tmp_path):
     for r in runs:  # the same global batches, split over two processes instead of two devices
         np.testing.assert_allclose(r["loss"], ref["loss"], rtol=1e-5)
         np.testing.assert_allclose(r["test_loss"], ref["test_loss"], rtol=1e-5)
-    outputs = {"metrics.jsonl", "results.json", "config.json", "encoder.json", "training.png"}
+    outputs = {"metrics.jsonl", "results.json", "config.json", "encoder.json"}
+    outputs |= {"training.png", "stability.png"}
     assert outputs <= set(runs[0]["written"]), runs[0]["written"]
     assert not outputs & set(runs[1]["written"]), runs[1]["written"]
     run_dir = tmp_path / "tiny"

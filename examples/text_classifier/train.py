@@ -8,7 +8,8 @@
 Writes to ``runs/text_classifier/<name>/``: ``metrics.jsonl`` (one line per step with loss,
 accuracy, gradient norm and the optimizer's ``adaptx.telemetry`` figures, plus one line per
 epoch with validation results), ``checkpoint/`` (orbax, best-validation parameters),
-``encoder.json`` (vocabularies), ``config.json``, ``results.json`` and ``training.png``.
+``encoder.json`` (vocabularies), ``config.json``, ``results.json``, ``training.png`` and
+``stability.png`` (``python -m adaptx.report``: norms, thresholds and every intervention).
 
 ``--distributed`` runs one copy of this script per process (host), data parallel over the
 devices of all of them; see "Several hosts" in the README.
@@ -41,6 +42,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from model import BagOfEmbeddings, TextClassifier  # noqa: E402
 
 import adaptx  # noqa: E402
+from adaptx.report import plot as plot_stability  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -723,8 +725,9 @@ def train(
             save_checkpoint(run_dir / "checkpoint", model)
         if config.plot and main_process:
             plot_run(history, epochs_log, run_dir / "training.png", config)
+            plot_stability(history, run_dir / "stability.png")
         written = ["metrics.jsonl"] + ["checkpoint/"] * config.checkpoint
-        written += ["training.png"] * config.plot + ["results.json"]
+        written += ["training.png", "stability.png"] * config.plot + ["results.json"]
         log(f"wrote {run_dir}/: {', '.join(written)}")
     results.update(history=history, epochs=epochs_log, model=model)
     return results

@@ -1,0 +1,79 @@
+"""A stability report of a training run, from its ``metrics.jsonl`` alone.
+
+.. code-block:: text
+
+  python -m adaptx.report RUN            # RUN: a run directory or its metrics.jsonl
+  python -m adaptx.report --help
+
+prints one line per event, e.g. ::
+
+  step 1234: grad norm 3.1e4 (2.1e4x its running median); 97 % of it in
+  encoder/layers_3/attn/qkv/kernel; skipped by guard (gradient-norm spike)
+
+then the count of each kind of intervention and the tensors that most often held the
+largest share of the norm, and writes ``stability.png`` beside the log (see
+:func:`plot`). This package needs only the standard library and NumPy (and matplotlib
+for the picture); it never imports JAX or the rest of adaptx itself.
+
+**The log.** One JSON object per line, one line per training step, as the text
+classifier example writes it: ``step``, ``loss``, ``grad_norm`` (before clipping) and
+the figures of :func:`adaptx.telemetry`, keyed ``"<transform>/<figure>"``, or
+``"<path>/<transform>/<figure>"`` when a transform appears twice. Per-tensor figures
+are keyed ``"<transform>/tensor_<figure>/<param path>"``. Values may be the strings
+``"nan"``, ``"inf"``, ``"-inf"``. Lines with an ``epoch`` key and no ``loss`` key
+(per-epoch summaries) are not steps.
+
+**Events.** A step is an event when any of these holds (``T`` is any transform):
+
+- *skipped*: ``T/last_reason`` (a guard's reason code) is nonzero; its kind follows
+  the code: 1 non-finite gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss
+  spike. For a transform without a reason code, ``T/skipped`` went up since the
+  previous line (``dynamic_loss_scale``: non-finite gradients), or ``T/num_skipped``
+  did (``zclip`` zeroing a spike). A counter is compared with 0 on a first line at
+  step 0, and not at all on a first line after step 0 (a resumed log).
+- *rewound*: ``T/rewinds`` went up.
+- *spike let through*: ``T/forced`` went up (a guard at ``max_consecutive_skips``).
+- *spike clipped*: ``T/spike`` is 1 (``clip_spikes``, ``zclip``).
+- *clipped*: ``T/scale`` is below 0.99 (every ``scale`` but ``dynamic_loss_scale``'s,
+  which is a loss scale), or a per-step count of clipped tensors is positive
+  (``adagc/num_clipped``, ``clip_by_block_rms/num_clipped``,
+  ``scale_by_adam/update_clipped``).
+- *non-finite, not skipped*: the loss or the global gradient norm is NaN or infinite
+  and nothing skipped the step.
+
+A skipped step is reported as skipped only, with any rewind or forced spike: the
+transforms inside a guard keep the previous step's state when it skips, so their
+scale and spike figures at that step are stale. The event's kind is its most severe
+intervention, in the order of :data:`KINDS`. The global gradient norm is the log's
+``grad_norm``, else a guard's ``*/grad_norm``, else another transform's. Its running
+median is taken over up to 50 preceding healthy steps: finite, nonzero norms of steps
+that were no event, or only a clip. The leading tensor of a step is the one with the
+largest share of the squared norm in ``*/tensor_grad_norm/<param path>``.
+
+Examples:
+  >>> from adaptx import report
+  >>> rows = [{"step": s, "loss": 0.5, "guard/grad_norm": 1.0, "guard/last_reason": 0}
+  ...         for s in range(10)]
+  >>> rows[7].update({"guard/grad_norm": 3.1e4, "guard/last_reason": 2})
+  >>> print(report.format_summary(rows))
+  10 steps (0-9), 1 event
+  step 7: grad norm 3.1e4 (3.1e4x its running median); skipped by guard (gradient-norm spike)
+  interventions: 1 skipped (gradient-norm spike)
+"""
+
+from adaptx.report._cli import main
+from adaptx.report._events import KINDS, Event, leading_tensor, summarize
+from adaptx.report._plot import plot
+from adaptx.report._read import read_metrics
+from adaptx.report._summary import format_summary
+
+__all__ = (
+    "KINDS",
+    "Event",
+    "format_summary",
+    "leading_tensor",
+    "main",
+    "plot",
+    "read_metrics",
+    "summarize",
+)
