@@ -1,7 +1,7 @@
 # Convenience targets; each is what the README and CI run.
 PY ?= .venv/bin/python
 
-.PHONY: setup test lint format train compare bench bench-quick
+.PHONY: setup test lint format train compare bench bench-quick docs
 
 .venv:
 	python3 -m venv .venv
@@ -32,3 +32,10 @@ bench:
 
 bench-quick:
 	$(PY) bench/update_step.py --quick
+
+# The docs site (docs/): HTML, then every example in the guides run by the doctest builder.
+# -W: a warning fails the build.
+docs: .venv
+	.venv/bin/pip install -q -e ".[docs]"
+	.venv/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+	.venv/bin/sphinx-build -W -b doctest docs docs/_build/doctest

@@ -1,0 +1,586 @@
+"""Sphinx extension for the adaptx docs.
+
+* ``.. adaptx-api::`` writes the API reference from ``adaptx.__all__`` at build time:
+  one section per part of the library (clipping, adaptive scaling, momentum, guards,
+  recipes, telemetry), chosen by the module each name is defined in, so a name added
+  to ``__all__`` appears without editing the docs; a name in no known part goes to
+  "Other". ``adaptx.report`` (the stability report) is documented when it can be imported.
+* ``.. measured-table:: PATH`` copies a Markdown table out of a file of the repository
+  (a results file under ``bench/measured/``, a README), so the figures on a page are
+  the measured ones, character for character, and change when the file does.
+* Every Python code block outside the API reference must be one that the doctest
+  builder runs (``.. doctest::``, ``.. testcode::``); anything else is a warning, which
+  ``-W`` turns into an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from sphinx import addnodes
+from sphinx.application import Sphinx
+from sphinx.errors import PycodeError
+from sphinx.pycode import ModuleAnalyzer
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# ---------------------------------------------------------------------------------------
+# The API reference.
+
+#: The sections of the API page, in page order: (title, underline, intro, module prefixes).
+#: A name goes to the section with the longest prefix of the module that defines it (so
+#: ``adaptx._clipping.zclip`` is an adaptive threshold, any other ``adaptx._clipping``
+#: module a fixed one); a section without prefixes is a heading over the next ones.
+SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = [
+    ("Clipping", "-", "Bound the gradient before it reaches the optimizer.", ()),
+    ("Fixed thresholds", "~", "Clipping by a number you choose.", ("adaptx._clipping",)),
+    (
+        "Adaptive thresholds",
+        "~",
+        "Clipping whose threshold follows the run's own recent norms.",
+        (
+            "adaptx._clipping.spike_clip",
+            "adaptx._clipping.zclip",
+            "adaptx._clipping.autoclip",
+            "adaptx._clipping.adagc",
+        ),
+    ),
+    (
+        "Adaptive scaling",
+        "-",
+        "Adam-, RMS- and Adagrad-style scaling, with SPAM and StableAdamW's update "
+        "clipping as options.",
+        ("adaptx._scaling",),
+    ),
+    ("Momentum", "-", "Momentum and moving averages.", ("adaptx._momentum",)),
+    ("Guards", "-", "Skip, undo or rescale a bad step.", ("adaptx._guards",)),
+    ("Recipes", "-", "Whole optimizers, built from the parts above.", ("adaptx._recipes",)),
+    (
+        "Telemetry",
+        "-",
+        "What the transforms measured, read out of any optimizer state.",
+        ("adaptx._telemetry",),
+    ),
+]
+OTHER = ("Other", "-", "Public names in no section above.", ())
+
+#: The order of the README's tables; names not listed follow, alphabetically.
+ORDER = [
+    "clip_by_global_norm",
+    "clip_by_value",
+    "clip_by_block_rms",
+    "adaptive_grad_clip",
+    "clip_spikes",
+    "zclip",
+    "autoclip",
+    "adagc",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_adagrad",
+    "momentum",
+    "ema",
+    "guard",
+    "rewind",
+    "dynamic_loss_scale",
+    "loss_scale",
+    "adamw",
+    "sgd",
+    "stable_adamw",
+    "spam",
+    "robust_adamw",
+    "telemetry",
+]
+
+REPORT_MODULE = "adaptx.report"
+REPORT_NAMES = ("summarize", "read_metrics", "plot")
+
+
+def _ranker(order: list[str]):
+    def rank(name: str) -> tuple[int, str]:
+        return (order.index(name), "") if name in order else (len(order), name)
+
+    return rank
+
+
+def _entries(names: list[str], objs: dict[str, Any], order: list[str] = ORDER) -> list[str]:
+    """autodoc directives for ``names``: each function (in ``order``, then alphabetically)
+    followed by the classes defined in its module, then any class left over."""
+    funcs = sorted((n for n in names if not inspect.isclass(objs[n])), key=_ranker(order))
+    classes = sorted(n for n in names if inspect.isclass(objs[n]))
+    out: list[str] = []
+    done: set[str] = set()
+
+    def emit(name: str) -> None:
+        obj = objs[name]
+        if inspect.isclass(obj):
+            out.extend([f".. autoclass:: {name}", "   :members:", ""])
+        elif inspect.ismodule(obj):
+            out.extend([f".. automodule:: {obj.__name__}", ""])
+        elif inspect.isroutine(obj):
+            out.extend([f".. autofunction:: {name}", ""])
+        else:
+            out.extend(_data(name, obj))
+        done.add(name)
+
+    for f in funcs:
+        emit(f)
+        module = getattr(objs[f], "__module__", None)
+        for c in classes:
+            if c not in done and getattr(objs[c], "__module__", None) == module:
+                emit(c)
+    for c in classes:
+        if c not in done:
+            emit(c)
+    return out
+
+
+def _data(name: str, obj: Any) -> list[str]:
+    """A constant. Its ``#:`` comment lives in the module that defines it, not in the one
+    that re-exports it (where autodoc would fall back on the docstring of its type, e.g.
+    ``dict``'s), so it is documented under the defining module."""
+    for modname in sorted(m for m in sys.modules if m == "adaptx" or m.startswith("adaptx.")):
+        module = sys.modules[modname]
+        if module is None or vars(module).get(name) is not obj:
+            continue
+        try:
+            documented = ("", name) in ModuleAnalyzer.for_module(modname).find_attr_docs()
+        except PycodeError:
+            documented = False
+        if documented:
+            return [f".. autodata:: {modname}.{name}", ""]
+    value = repr(obj)
+    value = value if len(value) <= 80 else value[:77] + "..."
+    return [f".. py:data:: {name}", f"   :value: {value}", ""]
+
+
+def _summary(names: list[str], objs: dict[str, Any], order: list[str] = ORDER) -> list[str]:
+    funcs = sorted((n for n in names if not inspect.isclass(objs[n])), key=_ranker(order))
+    classes = sorted(n for n in names if inspect.isclass(objs[n]))
+    # Functions and classes; a constant's one-line summary would be its type's docstring.
+    listed = [n for n in funcs + classes if inspect.isclass(objs[n]) or inspect.isroutine(objs[n])]
+    if not listed:
+        return []
+    return [".. autosummary::", "   :nosignatures:", ""] + [f"   {n}" for n in listed] + [""]
+
+
+def _module_of(obj: Any) -> str:
+    if inspect.ismodule(obj):
+        return obj.__name__
+    return getattr(obj, "__module__", None) or ""
+
+
+def _section_of(module: str) -> str:
+    """The title of the section whose prefix of ``module`` is longest; "Other" if none."""
+    best, length = OTHER[0], -1
+    for title, _, _, prefixes in SECTIONS:
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > length:
+                best, length = title, len(p)
+    return best
+
+
+def api_lines() -> tuple[list[str], list[str]]:
+    """The reST of the API reference, and the source files it depends on."""
+    import adaptx
+
+    objs: dict[str, Any] = {}
+    missing: list[str] = []
+    for name in adaptx.__all__:
+        try:
+            objs[name] = getattr(adaptx, name)
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        logger.warning(
+            "adaptx.__all__ names %s, which adaptx does not define",
+            ", ".join(missing),
+            type="adaptx",
+            subtype="api",
+        )
+    try:
+        report = importlib.import_module(REPORT_MODULE)
+    except ImportError:
+        report = None
+
+    members: dict[str, list[str]] = {}
+    for name, obj in objs.items():
+        if report is not None and obj is report:
+            continue  # documented in its own section below
+        members.setdefault(_section_of(_module_of(obj)), []).append(name)
+
+    lines = [".. currentmodule:: adaptx", ""]
+    for i, (title, underline, intro, prefixes) in enumerate(SECTIONS):
+        if not prefixes:
+            # A heading over the subsections that follow it, shown if any has a name.
+            subs = []
+            for t, u, _, _ in SECTIONS[i + 1 :]:
+                if u == underline:
+                    break
+                subs.append(t)
+            if any(members.get(t) for t in subs):
+                lines.extend([title, underline * len(title), "", intro, ""])
+            continue
+        names = members.get(title, [])
+        if names:
+            lines.extend([title, underline * len(title), "", intro, ""])
+            lines.extend(_summary(names, objs))
+            lines.extend(_entries(names, objs))
+
+    # The stability report: its module docstring (what counts as an event), then the
+    # three functions a user calls, then the rest of what it exports.
+    report_objs: dict[str, Any] = {}
+    if report is not None:
+        exported = [n for n in getattr(report, "__all__", ()) if n not in REPORT_NAMES]
+        for n in [*REPORT_NAMES, *exported]:
+            if hasattr(report, n):
+                report_objs[n] = getattr(report, n)
+    if report_objs:
+        title = "Stability report"
+        lines.extend([title, "-" * len(title), ""])
+        lines.extend([f".. automodule:: {REPORT_MODULE}", ""])
+        order = list(report_objs)
+        lines.extend(_summary(order, report_objs, order))
+        lines.extend(_entries(order, report_objs, order))
+        lines.extend([".. currentmodule:: adaptx", ""])
+
+    title, underline, intro, _ = OTHER
+    if members.get(title):
+        lines.extend([title, underline * len(title), "", intro, ""])
+        lines.extend(_summary(members[title], objs))
+        lines.extend(_entries(members[title], objs))
+
+    deps = {adaptx.__file__}
+    for obj in [*objs.values(), *report_objs.values()]:
+        try:
+            source = inspect.getsourcefile(obj)
+        except TypeError:
+            source = None
+        if source:
+            deps.add(source)
+    return lines, sorted(deps)
+
+
+class AdaptxApi(SphinxDirective):
+    """``.. adaptx-api::``: the API reference generated from ``adaptx.__all__``."""
+
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        lines, deps = api_lines()
+        for dep in deps:
+            self.env.note_dependency(dep)
+        docs = getattr(self.env, "adaptx_api_docs", set())
+        docs.add(self.env.docname)
+        self.env.adaptx_api_docs = docs
+        self.state_machine.insert_input(lines, self.get_source_info()[0])
+        return []
+
+
+def _api_outdated(app, env, added, changed, removed) -> list[str]:
+    # Names may have been added to adaptx.__all__ (or adaptx.report may have appeared)
+    # without any file the page depends on changing: read the page again every build.
+    return sorted(d for d in getattr(env, "adaptx_api_docs", set()) if d in env.found_docs)
+
+
+def _api_purge(app, env, docname) -> None:
+    getattr(env, "adaptx_api_docs", set()).discard(docname)
+
+
+def _api_merge(app, env, docnames, other) -> None:
+    docs = getattr(env, "adaptx_api_docs", set())
+    docs |= getattr(other, "adaptx_api_docs", set()) & set(docnames)
+    env.adaptx_api_docs = docs
+
+
+def _skip_member(app, what, name, obj, skip, options):
+    """A NamedTuple state lists its fields in its docstring's "Attributes:" section; autodoc
+    would list them a second time, as the tuple's field accessors ("Alias for field ...")."""
+    if what == "class" and type(obj).__name__ == "_tuplegetter":
+        return True
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Measured tables, copied out of Markdown files.
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_INLINE = re.compile(
+    r"(?P<bold>\*\*(?P<bold_text>.+?)\*\*)"
+    r"|(?P<code>(?P<ticks>`+)(?P<code_text>.+?)(?P=ticks))"
+    r"|(?P<link>\[(?P<link_text>[^\]]+)\]\((?P<link_url>[^)\s]+)\))"
+    r"|(?P<em>(?<![\w*])\*(?P<em_text>[^*\s][^*]*?)\*(?![\w*]))"
+)
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def _unescape(text: str) -> str:
+    return _ESCAPE.sub(r"\1", text)
+
+
+def inline(text: str) -> list[nodes.Node]:
+    """Docutils nodes for one Markdown table cell: bold, code, emphasis and links."""
+    out: list[nodes.Node] = []
+    pos = 0
+    for m in _INLINE.finditer(text):
+        if m.start() > pos:
+            out.append(nodes.Text(_unescape(text[pos : m.start()])))
+        if m.group("bold"):
+            out.append(nodes.strong("", "", *inline(m.group("bold_text"))))
+        elif m.group("code"):
+            code = m.group("code_text")
+            if code.startswith(" ") and code.endswith(" ") and code.strip():
+                code = code[1:-1]
+            out.append(nodes.literal(code, code))
+        elif m.group("link"):
+            # Links point at files of the repository, not at pages of these docs.
+            out.extend(inline(m.group("link_text")))
+        else:
+            out.append(nodes.emphasis("", "", *inline(m.group("em_text"))))
+        pos = m.end()
+    if pos < len(text):
+        out.append(nodes.Text(_unescape(text[pos:])))
+    return out
+
+
+def split_row(line: str) -> list[str]:
+    """The cells of one Markdown table row; ``\\|`` is a literal bar, not a separator."""
+    line = line.strip()
+    if line.startswith("|"):
+        line = line[1:]
+    if line.endswith("|") and not line.endswith("\\|"):
+        line = line[:-1]
+    cells, cur, i = [], [], 0
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\" and i + 1 < len(line):
+            cur.append(line[i : i + 2])
+            i += 2
+            continue
+        if ch == "|":
+            cells.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    cells.append("".join(cur).strip())
+    return cells
+
+
+def find_table(
+    text: str, heading: str | None, after: str | None, index: int
+) -> tuple[list[str], list[list[str]], int]:
+    """Header, rows and line number (1-based) of a table in a Markdown text.
+
+    ``heading``: the table is in the section whose heading starts with this text (up to
+    the next heading of the same or a higher level). ``after``: the first table after a
+    line containing this text. ``index``: the n-th such table (1-based).
+    """
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    if heading is not None:
+        found = None
+        for i, line in enumerate(lines):
+            m = _HEADING.match(line)
+            if m and m.group(2).startswith(heading):
+                found = (i, len(m.group(1)))
+                break
+        if found is None:
+            raise ValueError(f"no heading starting with {heading!r}")
+        start = found[0] + 1
+        for j in range(start, len(lines)):
+            m = _HEADING.match(lines[j])
+            if m and len(m.group(1)) <= found[1]:
+                end = j
+                break
+    if after is not None:
+        for i in range(start, end):
+            if after in lines[i]:
+                start = i + 1
+                break
+        else:
+            raise ValueError(f"no line containing {after!r}")
+    tables: list[tuple[int, list[str]]] = []
+    i = start
+    while i < end:
+        if lines[i].lstrip().startswith("|"):
+            j = i
+            while j < end and lines[j].lstrip().startswith("|"):
+                j += 1
+            tables.append((i, lines[i:j]))
+            i = j
+        else:
+            i += 1
+    if len(tables) < index:
+        raise ValueError(f"{len(tables)} table(s) found where table {index} was asked for")
+    lineno, block = tables[index - 1]
+    if len(block) < 2 or not re.fullmatch(r"[\s|:\-]+", block[1]):
+        raise ValueError(f"line {lineno + 2}: not a Markdown table (no | --- | line)")
+    header = split_row(block[0])
+    rows = [split_row(r) for r in block[2:]]
+    for k, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(
+                f"line {lineno + 3 + k}: {len(row)} cells in a table of {len(header)} columns"
+            )
+    return header, rows, lineno + 1
+
+
+def _columns(spec: str, n: int) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    for c in out:
+        if not 1 <= c <= n:
+            raise ValueError(f"column {c} asked for in a table of {n} columns")
+    return [c - 1 for c in out]
+
+
+class MeasuredTable(SphinxDirective):
+    """``.. measured-table:: bench/measured/stability.md`` (a path from the repository root).
+
+    Options: ``:heading:`` (the section, by the start of its heading), ``:after:`` (the
+    first table after a line containing this text), ``:index:`` (the n-th table, default 1),
+    ``:columns:`` (1-based, e.g. ``1,2,9-12``; default all), ``:rows:`` (keep only rows
+    whose first cell contains one of these ``;``-separated texts).
+    """
+
+    required_arguments = 1
+    has_content = False
+    option_spec = {
+        "heading": directives.unchanged,
+        "after": directives.unchanged,
+        "index": directives.positive_int,
+        "columns": directives.unchanged,
+        "rows": directives.unchanged,
+    }
+
+    def run(self) -> list[nodes.Node]:
+        rel = self.arguments[0]
+        path = ROOT / rel
+        self.env.note_dependency(str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+            header, rows, _ = find_table(
+                text,
+                self.options.get("heading"),
+                self.options.get("after"),
+                self.options.get("index", 1),
+            )
+            cols = (
+                _columns(self.options["columns"], len(header))
+                if "columns" in self.options
+                else list(range(len(header)))
+            )
+            if "rows" in self.options:
+                wanted = [w.strip() for w in self.options["rows"].split(";") if w.strip()]
+                kept = [r for r in rows if any(w in r[0] for w in wanted)]
+                for w in wanted:
+                    if not any(w in r[0] for r in rows):
+                        raise ValueError(f"no row whose first cell contains {w!r}")
+                rows = kept
+        except (OSError, ValueError) as e:
+            logger.warning(
+                "measured-table %s: %s",
+                rel,
+                e,
+                location=self.get_location(),
+                type="adaptx",
+                subtype="table",
+            )
+            return []
+
+        table = nodes.table(classes=["measured"])
+        title = nodes.title("", "From ", nodes.literal(rel, rel))
+        if "heading" in self.options:
+            title += nodes.Text(f", “{self.options['heading']}”")
+        table += title
+        tgroup = nodes.tgroup(cols=len(cols))
+        table += tgroup
+        for _ in cols:
+            tgroup += nodes.colspec(colwidth=1)
+
+        def row_node(cells: list[str]) -> nodes.row:
+            row = nodes.row()
+            for c in cols:
+                entry = nodes.entry()
+                entry += nodes.paragraph("", "", *inline(cells[c]))
+                row += entry
+            return row
+
+        thead = nodes.thead()
+        thead += row_node(header)
+        tgroup += thead
+        tbody = nodes.tbody()
+        for r in rows:
+            tbody += row_node(r)
+        tgroup += tbody
+        return [table]
+
+
+# ---------------------------------------------------------------------------------------
+# Every Python example outside the API reference is executed.
+
+#: Languages of blocks that are not Python and so need not run (commands, output).
+NOT_PYTHON = {"bash", "console", "shell", "sh", "text", "none", "json", "toml", "ini", "rst"}
+
+
+def _check_code_is_tested(app: Sphinx, doctree: nodes.document) -> None:
+    if app.env.docname in getattr(app.env, "adaptx_api_docs", set()):
+        return  # docstrings: their examples run under pytest (--doctest-modules)
+
+    def in_api(node: nodes.Node) -> bool:
+        parent = node.parent
+        while parent is not None:
+            if isinstance(parent, addnodes.desc):
+                return True
+            parent = parent.parent
+        return False
+
+    for node in doctree.findall(nodes.doctest_block):
+        if not in_api(node):
+            logger.warning(
+                "a plain '>>>' block is not run by the doctest builder; write it as '.. doctest::'",
+                location=node,
+                type="adaptx",
+                subtype="untested",
+            )
+    for node in doctree.findall(nodes.literal_block):
+        if node.get("testnodetype") or in_api(node):
+            continue
+        language = node.get("language", "default")
+        if language not in NOT_PYTHON:
+            logger.warning(
+                "a %r code block is not run by the doctest builder; write it as "
+                "'.. testcode::' or '.. doctest::' (or mark a command 'bash')",
+                language,
+                location=node,
+                type="adaptx",
+                subtype="untested",
+            )
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+    app.add_directive("adaptx-api", AdaptxApi)
+    app.add_directive("measured-table", MeasuredTable)
+    app.connect("env-get-outdated", _api_outdated)
+    app.connect("env-purge-doc", _api_purge)
+    app.connect("env-merge-info", _api_merge)
+    app.connect("autodoc-skip-member", _skip_member)
+    app.connect("doctree-read", _check_code_is_tested)
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
