@@ -7,7 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adaptx._core.telemetry import registered
+from adaptx._core.per_tensor import TensorFigures
+from adaptx._core.telemetry import per_tensor_fields, registered
 
 
 def _unwrap(x: Any) -> Any:
@@ -58,7 +59,23 @@ def find_states(opt_state: Any, cls: type | None = None) -> list[tuple[str, Any]
     ]
 
 
-def telemetry(opt_state: Any) -> dict[str, jax.Array]:
+def _per_tensor(node: Any, prefix: str) -> dict[str, jax.Array]:
+    """One key per leaf for each per-tensor figure of ``node``, and its leading leaf."""
+    out: dict[str, jax.Array] = {}
+    for field in per_tensor_fields(node):
+        value = getattr(node, field)
+        if value is None:
+            continue
+        if isinstance(value, TensorFigures):
+            values = jnp.asarray(_unwrap(value.values))
+            for i, path in enumerate(value.paths):
+                out[f"{prefix}/{field}/{path}"] = values[i]
+        else:
+            out[f"{prefix}/{field}"] = jnp.asarray(_unwrap(value))
+    return out
+
+
+def telemetry(opt_state: Any, per_tensor: bool = False) -> dict[str, jax.Array]:
     """Every figure adaptx transforms keep in their state, as a flat dict of scalars.
 
     Walks any optimizer state: adaptx transforms nested anywhere inside
@@ -74,8 +91,16 @@ def telemetry(opt_state: Any) -> dict[str, jax.Array]:
     and outside it performs no host transfer, so it can be returned from a jitted
     train step and logged asynchronously.
 
+    With ``per_tensor=True``, the transforms built with ``per_tensor=True`` add one
+    key per parameter leaf, ``"<transform>/<figure>/<param path>"`` (the figure's name
+    starts with ``tensor_``, e.g. ``"clip_spikes/tensor_grad_norm/encoder/layers/0/
+    kernel"``, the path written as the parameter tree names it), and
+    ``"<transform>/top_tensor"``: the position, among that transform's per-tensor keys,
+    of the leaf that led its last intervention (-1 before any).
+
     Args:
       opt_state: an optimizer state, or a ``flax.nnx.Optimizer``.
+      per_tensor: also report the per-tensor figures.
 
     Returns:
       ``dict[str, jax.Array]`` of scalars, in the order the transforms appear in
@@ -99,4 +124,6 @@ def telemetry(opt_state: Any) -> dict[str, jax.Array]:
             value = getattr(node, field)
             if value is not None:  # a figure the transform was not asked to keep
                 out[f"{prefix}/{field}"] = _scalar(value)
+        if per_tensor:
+            out.update(_per_tensor(node, prefix))
     return out

@@ -236,9 +236,9 @@ def _call_recipe(name: str, **kwargs):
     if kwargs:
         return fn(LR, weight_decay=WD, **kwargs)
     if name == "guard":
-        return fn(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM))
+        return fn(adaptx.adamw(LR, B1, B2, EPS, weight_decay=WD, max_norm=MAX_NORM))
     if name == "zclip":
-        return optax.chain(fn(), adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=None))
+        return optax.chain(fn(), adaptx.adamw(LR, B1, B2, EPS, weight_decay=WD, max_norm=None))
     try:
         return fn(LR, weight_decay=WD)
     except TypeError:
@@ -289,21 +289,23 @@ def jax_variants(pipeline: str, n_leaves: int, impls) -> dict[str, tuple[str, Ca
         )
         out["adaptx"] = (
             "adamw(max_norm=1)",
-            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)),
+            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, weight_decay=WD, max_norm=MAX_NORM)),
         )
         out["jax"] = ("hand-written", lambda: hand_written(pipeline))
         if n_leaves > 1:
             out["adaptx-packed"] = (
                 f"adamw(max_norm=1, pack_small_leaves={PACK})",
                 lambda: _optax_step(
-                    adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM, pack_small_leaves=PACK)
+                    adaptx.adamw(
+                        LR, B1, B2, EPS, weight_decay=WD, max_norm=MAX_NORM, pack_small_leaves=PACK
+                    )
                 ),
             )
     elif pipeline == "adamw":
         out["optax"] = ("adamw", lambda: _optax_step(optax.adamw(LR, B1, B2, EPS, weight_decay=WD)))
         out["adaptx"] = (
             "adamw(max_norm=None)",
-            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=None)),
+            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, weight_decay=WD, max_norm=None)),
         )
         out["jax"] = ("hand-written", lambda: hand_written(pipeline))
     elif pipeline == "clip":
@@ -330,7 +332,7 @@ def jax_variants(pipeline: str, n_leaves: int, impls) -> dict[str, tuple[str, Ca
             )
         plain = (
             "adamw(max_norm=1): clip + AdamW, no defenses",
-            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, WD, max_norm=MAX_NORM)),
+            lambda: _optax_step(adaptx.adamw(LR, B1, B2, EPS, weight_decay=WD, max_norm=MAX_NORM)),
         )
         if pipeline == "robust_adamw":
             out["adaptx-base"] = (

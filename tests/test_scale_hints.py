@@ -30,30 +30,53 @@ def run(tx, steps=12, dtype=jnp.float32):
     return params, state
 
 
-def robust_chain(chain):
-    return chain(
+def robust_chain():
+    return optax.chain(
         adaptx.zclip(warmup_steps=3),
         adaptx.scale_by_adam(update_rms_clip=1.0),
         optax.scale(-1e-2),
     )
 
 
-def test_lookup_is_by_identity():
-    hints = hints_lib.ScaleHints()
+def test_lookup_is_by_identity_and_an_entry_dies_with_its_array():
     g, s = jnp.ones(3), jnp.float32(0.5)
     out = g * s
-    hints.record(out, g, s)
-    assert hints.lookup(out) == (g, s)
-    assert hints.lookup(g * s) is None  # equal values, another array
-    assert hints_lib.from_extra_args({}) is None
+    hints_lib.record(out, g, s)
+    assert hints_lib.lookup(out) == (g, s)
+    assert hints_lib.lookup(g * s) is None  # equal values, another array
+    before = len(hints_lib._SCALED)
+    del out
+    assert len(hints_lib._SCALED) == before - 1
+
+
+def test_a_users_chain_compiles_to_the_recipes_program():
+    # The hints travel with the arrays, not with the chain: the recipe and the same
+    # transforms in a user's optax.chain are one program, so the same numbers, bit for bit
+    # (before, the user's chain rounded differently: rtol 2e-2 in bfloat16).
+    users = adaptx.guard(
+        optax.chain(
+            adaptx.clip_spikes(6.0, 4.0, 0.95, max_ratio=10.0, initial_max_norm=1.0),
+            adaptx.scale_by_adam(update_rms_clip=5.0),
+            optax.add_decayed_weights(1e-4),
+            optax.scale_by_learning_rate(1e-3),
+        ),
+        spike_z=None,
+    )
+    recipe = adaptx.robust_adamw(1e-3)
+
+    p_users, _ = run(users, dtype=jnp.bfloat16)
+    p_recipe, _ = run(recipe, dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(p_users), jax.tree.leaves(p_recipe), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_hinted_chain_gives_the_same_numbers_as_optax_chain(dtype):
+def test_hints_change_the_program_not_the_numbers(dtype):
     # The update-RMS clip (which binds at the spike) computed as s^2 mean(g0^2 / v) from
     # the clip's hint equals mean((s g0)^2 / v) to rounding.
-    p_hinted, s_hinted = run(robust_chain(hints_lib.hinted_chain), dtype=dtype)
-    p_plain, s_plain = run(robust_chain(optax.chain), dtype=dtype)
+    p_hinted, s_hinted = run(robust_chain(), dtype=dtype)
+    with hints_lib.disabled():
+        p_plain, s_plain = run(robust_chain(), dtype=dtype)
     assert jax.tree.structure(s_hinted) == jax.tree.structure(s_plain)
     assert int(s_plain[1].update_clipped) > 0 or float(s_plain[1].max_update_rms) > 0
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -67,31 +90,15 @@ def test_hinted_chain_gives_the_same_numbers_as_optax_chain(dtype):
 def test_a_transform_in_between_hides_the_hint():
     # Whatever changes the clip's output (here a sign flip) makes it another array: Adam
     # then reduces over what it received, and the numbers follow the changed updates.
-    flip = optax.scale(-1.0)
-    hinted = hints_lib.hinted_chain(
-        adaptx.zclip(warmup_steps=3), flip, adaptx.scale_by_adam(update_rms_clip=1e-3)
-    )
-    plain = optax.chain(
-        adaptx.zclip(warmup_steps=3), flip, adaptx.scale_by_adam(update_rms_clip=1e-3)
-    )
-    for a, b in zip(jax.tree.leaves(run(hinted)), jax.tree.leaves(run(plain)), strict=True):
+    def flipped():
+        return optax.chain(
+            adaptx.zclip(warmup_steps=3),
+            optax.scale(-1.0),
+            adaptx.scale_by_adam(update_rms_clip=1e-3),
+        )
+
+    hinted = run(flipped())
+    with hints_lib.disabled():
+        plain = run(flipped())
+    for a, b in zip(jax.tree.leaves(hinted), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
-
-
-@pytest.mark.perf
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="memory analysis checked on XLA:CPU")
-def test_robust_adamw_needs_no_full_size_temporary():
-    # Without the hint, XLA writes zclip's s * g out for the update-RMS reduction.
-    n = 1 << 16
-
-    def temp_bytes(tx):
-        def step(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        p = jnp.zeros(n)
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), p).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    assert temp_bytes(adaptx.robust_adamw(1e-3)) < n  # a few scalars, not 4n bytes
-    assert temp_bytes(adaptx.guard(robust_chain(optax.chain))) >= 4 * n

@@ -9,12 +9,17 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
 
 
-@reports("adagc", "grad_norm", "num_clipped", "gamma_mean")
+@reports(
+    "adagc",
+    *("grad_norm", "num_clipped", "gamma_mean"),
+    per_tensor=("tensor_grad_norm", "tensor_clip_factor", "top_tensor"),
+)
 class AdaGCState(NamedTuple):
     """State of :func:`adagc`.
 
@@ -28,6 +33,12 @@ class AdaGCState(NamedTuple):
       num_clipped: how many tensors were scaled down at the last step (int32).
         During warm-up, every tensor when the global clip engaged, else 0.
       gamma_mean: mean of ``gamma`` over the tensors after the last step (float32).
+      tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
+        step (``TensorFigures``, float32); ``None`` otherwise.
+      tensor_clip_factor: with ``per_tensor``, each leaf's clip factor at the last
+        step (``TensorFigures``, float32, in [0, 1]); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest norm at the last step
+        that clipped any (int32 index into the per-tensor figures; -1 before any).
     """
 
     count: jax.Array
@@ -35,6 +46,9 @@ class AdaGCState(NamedTuple):
     grad_norm: jax.Array
     num_clipped: jax.Array
     gamma_mean: jax.Array
+    tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
+    tensor_clip_factor: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
 
 def adagc(
@@ -44,6 +58,7 @@ def adagc(
     warmup_steps: int = 100,
     *,
     axis_name: Any = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaGC: clips each tensor against an EMA of its own past clipped norms.
 
@@ -111,6 +126,9 @@ def adagc(
         tensor-parallel weights. Leave it ``None`` for data parallelism, where each
         device holds the whole (averaged) gradient, and under ``jax.jit`` with
         sharded arrays, where the norms are global already.
+      per_tensor: also keep each leaf's norm and clip factor, and the leaf that led the
+        last clip, for ``adaptx.telemetry(state, per_tensor=True)`` (figures AdaGC
+        computes anyway).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -147,6 +165,7 @@ def adagc(
             grad_norm=jnp.zeros([], jnp.float32),
             num_clipped=jnp.zeros([], jnp.int32),
             gamma_mean=jnp.zeros([], jnp.float32),
+            **_initial_figures(params, per_tensor),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -197,6 +216,22 @@ def adagc(
             num_clipped=jnp.sum(s < 1, dtype=jnp.int32),
             gamma_mean=jnp.mean(new_gamma).astype(state.gamma_mean.dtype),
         )
+        if per_tensor:
+            new_state = new_state._replace(
+                tensor_clip_factor=state.tensor_clip_factor.replace(s),
+                **per_tensor_lib.updated(state, norms, jnp.any(s < 1)),
+            )
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _initial_figures(params, per_tensor: bool) -> dict:
+    if not per_tensor:
+        return {}
+    return {
+        **per_tensor_lib.initial(params, True),
+        "tensor_clip_factor": per_tensor_lib.zeros(params).replace(
+            jnp.ones([len(jax.tree.leaves(params))], jnp.float32)
+        ),
+    }

@@ -33,7 +33,7 @@ def _unit_axes(ndim: int, shape: tuple, axis: Any) -> tuple[int, ...] | None:
 
 def _unit_norm(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
     acc = tu.compute_dtype(x.dtype)
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=axes, keepdims=True))
+    return jnp.sqrt(jnp.sum(tu.abs_sq(x.astype(acc)), axis=axes, keepdims=True))
 
 
 def adaptive_grad_clip(
@@ -58,7 +58,9 @@ def adaptive_grad_clip(
     Units: vectors and scalars are one unit; rank-2 and rank-3 tensors reduce over
     axis 0 (``(in, out)`` kernels), rank-4 over ``(0, 1, 2)`` (HWIO), rank-5 over
     ``(0, 1, 2, 3)``. Pass ``axis`` for other layouts. Same numbers as
-    ``optax.adaptive_grad_clip``. Norms are computed in float32 or wider.
+    ``optax.adaptive_grad_clip``. Norms are computed in float32 or wider, from
+    :math:`|z|^2` for complex leaves (as optax). Stateless: ``update`` takes any state,
+    ``None`` included, and returns it.
 
     Args:
       clipping: :math:`\lambda > 0`, the largest allowed ratio of gradient norm to
@@ -93,7 +95,7 @@ def adaptive_grad_clip(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         validate.require_params("adaptive_grad_clip", params)
-        tu.check_float_leaves("adaptive_grad_clip", updates)
+        tu.check_float_leaves("adaptive_grad_clip", updates, allow_complex=True)
         tu.check_same_structure(
             "adaptive_grad_clip", updates, params, "updates", "params", shapes=True
         )
@@ -107,7 +109,8 @@ def adaptive_grad_clip(
             # One scale per unit (not per element): 1 where within bound.
             too_big = g_norm > bound
             s = jnp.where(too_big, bound / jnp.where(too_big, g_norm, 1.0), 1.0)
-            return (g.astype(acc) * s).astype(g.dtype)
+            g_acc = tu.compute_dtype(g.dtype, acc)  # complex for a complex g
+            return (g.astype(g_acc) * s.astype(g_acc)).astype(g.dtype)
 
         return jax.tree.map(clip, updates, params), state
 

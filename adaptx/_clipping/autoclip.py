@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
 
 
-@reports("autoclip", "grad_norm", "threshold", "scale")
+@reports(
+    "autoclip", "grad_norm", "threshold", "scale", per_tensor=("tensor_grad_norm", "top_tensor")
+)
 class AutoClipState(NamedTuple):
     """State of :func:`autoclip`.
 
@@ -29,6 +32,10 @@ class AutoClipState(NamedTuple):
       threshold: the clipping threshold used at the last step, the ``percentile``-th
         percentile of ``norms`` (float32; ``inf`` while no norm has been recorded).
       scale: factor the gradients were multiplied by at the last step, in [0, 1].
+      tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
+        step (``TensorFigures``, float32); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest norm at the last
+        intervention (int32 index into ``tensor_grad_norm``; -1 before any).
     """
 
     norms: jax.Array
@@ -37,6 +44,8 @@ class AutoClipState(NamedTuple):
     grad_norm: jax.Array
     threshold: jax.Array
     scale: jax.Array
+    tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
 
 def _percentile(norms: jax.Array, filled: jax.Array, q: Any) -> jax.Array:
@@ -64,6 +73,7 @@ def autoclip(
     history: int = 1000,
     *,
     axis_name: Any = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AutoClip: clips the global norm to a percentile of the recent global norms.
 
@@ -117,6 +127,9 @@ def autoclip(
       axis_name: under ``shard_map``/``pmap``, the mapped axis (or axes) the
         gradient tree is sharded over; the squared norm is summed across it, so
         every shard records and clips by the true global norm.
+      per_tensor: also keep each leaf's gradient norm and the leaf that led the last
+        intervention, for ``adaptx.telemetry(state, per_tensor=True)`` (no extra pass
+        over memory: the global norm is their sum).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -145,7 +158,6 @@ def autoclip(
     validate.check_int("autoclip", "history", history, low=1, traced_ok=True, example="1000")
 
     def init_fn(params):
-        del params
         size = validate.concrete_int("autoclip", "history", history)
         return AutoClipState(
             norms=jnp.zeros([size], jnp.float32),
@@ -154,12 +166,13 @@ def autoclip(
             grad_norm=jnp.zeros([], jnp.float32),
             threshold=jnp.full([], jnp.inf, jnp.float32),
             scale=jnp.ones([], jnp.float32),
+            **per_tensor_lib.initial(params, per_tensor),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tu.check_float_leaves("autoclip", updates)
-        norm = tu.global_norm(updates, axis_name)
+        norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
         norm32 = norm.astype(jnp.float32)
         record = jnp.isfinite(norm32)
         size = state.norms.shape[0]
@@ -175,6 +188,7 @@ def autoclip(
             grad_norm=norm32.astype(state.grad_norm.dtype),
             threshold=threshold.astype(state.threshold.dtype),
             scale=s.astype(state.scale.dtype),
+            **per_tensor_lib.updated(state, leaf_norms, s < 1),
         )
         return tu.scale(updates, s), new_state
 

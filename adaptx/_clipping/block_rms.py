@@ -34,8 +34,10 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
       \operatorname{rms}(g_b) = \sqrt{\tfrac{1}{n_b} \textstyle\sum_j g_{b,j}^2}, \qquad
       g_b \leftarrow \frac{g_b}{\max\!\left(1, \operatorname{rms}(g_b) / \tau\right)} .
 
-    The mean of squares is accumulated in float32 or wider. Gives the same numbers
-    as ``optax.clip_by_block_rms``. The state counts how many blocks were clipped.
+    The mean of squares is accumulated in float32 or wider; a complex element counts
+    :math:`|z|^2`. Gives the same numbers as ``optax.clip_by_block_rms``. The state
+    counts how many blocks were clipped; like optax's, ``update`` also takes a ``None``
+    (or ``optax.EmptyState``) state, and returns it, counting nothing.
 
     Args:
       threshold: the bound :math:`\tau > 0` on each block's RMS. May be a tracer.
@@ -65,17 +67,21 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        tu.check_float_leaves("clip_by_block_rms", updates)
+        tu.check_float_leaves("clip_by_block_rms", updates, allow_complex=True)
         leaves, treedef = jax.tree.flatten(updates)
         out, clipped = [], []
         for g in leaves:
             acc = tu.compute_dtype(g.dtype)
+            real = tu.real_dtype(acc)
             g32 = g.astype(acc)
-            rms = jnp.sqrt(jnp.mean(jnp.square(g32)))
-            denom = jnp.maximum(jnp.ones([], acc), rms / tu.as_scalar(threshold, acc))
+            rms = jnp.sqrt(jnp.mean(tu.abs_sq(g32)))
+            denom = jnp.maximum(jnp.ones([], real), rms / tu.as_scalar(threshold, real))
             clipped.append((denom > 1).astype(jnp.int32))
-            out.append((g32 * (1 / denom)).astype(g.dtype))
+            out.append((g32 * (1 / denom).astype(acc)).astype(g.dtype))
         num = sum(clipped[1:], clipped[0]) if clipped else jnp.zeros([], jnp.int32)
-        return jax.tree.unflatten(treedef, out), ClipByBlockRmsState(num_clipped=num)
+        out = jax.tree.unflatten(treedef, out)
+        if state is None or isinstance(state, optax.EmptyState):  # optax's stateless form
+            return out, state
+        return out, ClipByBlockRmsState(num_clipped=num)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

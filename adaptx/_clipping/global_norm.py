@@ -56,7 +56,10 @@ def clip_by_global_norm(
     scale is one scalar, applied by a multiply fused into the next elementwise pass.
 
     The pre-clip norm and the scale are kept in the state and reported by
-    :func:`adaptx.telemetry`, so they can be logged without a host sync.
+    :func:`adaptx.telemetry`, so they can be logged without a host sync. Like
+    ``optax.clip_by_global_norm``, ``update`` also takes a ``None`` (or
+    ``optax.EmptyState``) state, and returns it: the same updates, no telemetry. A
+    complex element counts :math:`|z|^2` in the norm, as in optax.
 
     Args:
       max_norm: the bound :math:`c \ge 0` on the global norm. May be a tracer (for
@@ -93,11 +96,13 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         hints = hints_lib.from_extra_args(extra_args)
-        tu.check_float_leaves("clip_by_global_norm", updates)
+        tu.check_float_leaves("clip_by_global_norm", updates, allow_complex=True)
         norm = tu.global_norm(updates, axis_name)
         # max_norm = 0 zeroes every gradient, even one whose squares underflow float32
         # (|g| below about 1e-19) and whose computed norm is therefore 0.
         s = jnp.where(tu.as_scalar(max_norm, norm.dtype) > 0, clip_scale(norm, max_norm), 0.0)
+        if state is None or isinstance(state, optax.EmptyState):  # optax's stateless form
+            return tu.scale(updates, s, hints), state
         new_state = ClipByGlobalNormState(
             grad_norm=norm.astype(state.grad_norm.dtype), scale=s.astype(state.scale.dtype)
         )

@@ -9,13 +9,17 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
-from adaptx._core import hints as hints_lib
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import robust_stats, validate
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
 
-@reports("clip_spikes", "grad_norm", "threshold", "typical", "scale", "z", "spike", "num_clipped")
+@reports(
+    "clip_spikes",
+    *("grad_norm", "threshold", "typical", "scale", "z", "spike", "num_clipped"),
+    per_tensor=("tensor_grad_norm", "top_tensor"),
+)
 class ClipSpikesState(NamedTuple):
     """State of :func:`clip_spikes`.
 
@@ -32,6 +36,10 @@ class ClipSpikesState(NamedTuple):
       z: z-score of the last step's log-norm, :math:`(\\log\\|g_t\\| - \\mu)/\\sigma`.
       spike: 1 if the last step's norm was an outlier, else 0 (int32).
       num_clipped: steps so far whose gradients were scaled down (int32, saturating).
+      tensor_grad_norm: with ``per_tensor``, each leaf's norm at the last step
+        (``TensorFigures``, float32); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest norm at the last
+        clipped step (int32 index into ``tensor_grad_norm``; -1 before any).
     """
 
     count: jax.Array
@@ -43,6 +51,8 @@ class ClipSpikesState(NamedTuple):
     z: jax.Array
     spike: jax.Array
     num_clipped: jax.Array
+    tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
     @property
     def typical(self) -> jax.Array:
@@ -59,6 +69,7 @@ def clip_spikes(
     initial_max_norm: float | jax.Array | None = None,
     max_norm: float | jax.Array | None = None,
     axis_name: Any = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Clips the global norm when, and only when, it is an outlier of its own history.
 
@@ -123,6 +134,9 @@ def clip_spikes(
         exist; ``None`` for none.
       max_norm: optional hard ceiling on the norm at every step.
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are sharded over.
+      per_tensor: also keep each leaf's gradient norm and the leaf that led the last
+        clip, for ``adaptx.telemetry(state, per_tensor=True)`` (no extra pass over memory:
+        the global norm is their sum).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -160,8 +174,6 @@ def clip_spikes(
             validate.check_positive(fn, name, value, example="1.0")
 
     def init_fn(params):
-        del params
-
         def scalar(value, dtype=jnp.float32):  # a buffer of its own: state may be donated
             return jnp.full([], value, dtype)
 
@@ -175,13 +187,14 @@ def clip_spikes(
             z=scalar(0.0),
             spike=scalar(0, jnp.int32),
             num_clipped=scalar(0, jnp.int32),
+            **per_tensor_lib.initial(params, per_tensor),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
         tu.check_float_leaves(fn, updates)
         f32 = jnp.float32
-        norm = tu.global_norm(updates, axis_name)
+        norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
         n = norm.astype(f32)
         log_n = jnp.log(jnp.where(n > 0, n, 1.0))
         j = robust_stats.judge(
@@ -224,8 +237,8 @@ def clip_spikes(
             z=j.z,
             spike=j.outlier.astype(jnp.int32),
             num_clipped=tu.count_if(s < 1, state.num_clipped),
+            **per_tensor_lib.updated(state, leaf_norms, s < 1),
         )
-        hints = hints_lib.from_extra_args(extra_args)
-        return tu.scale(updates, s.astype(norm.dtype), hints), new_state
+        return tu.scale(updates, s.astype(norm.dtype), announce=True), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

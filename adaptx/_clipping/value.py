@@ -17,7 +17,9 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformationExt
 
       g \leftarrow \min(\max(g, -c), c)
 
-    Stateless. Unlike global-norm clipping it changes the gradient's direction;
+    Stateless (``update`` takes any state, ``None`` included). Complex numbers have no
+    order, so a complex leaf raises ``TypeError``, as ``optax.clip`` refuses them.
+    Unlike global-norm clipping it changes the gradient's direction;
     prefer :func:`adaptx.clip_by_global_norm` unless the element-wise bound is
     what you need.
 
@@ -46,7 +48,12 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformationExt
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        tu.check_float_leaves("clip_by_value", updates)
+        tu.check_float_leaves(
+            "clip_by_value",
+            updates,
+            allow_complex=False,
+            why="complex numbers have no order, so no range to clip to (optax.clip refuses them)",
+        )
 
         def clip(g):
             c = jnp.asarray(max_abs).astype(g.dtype)

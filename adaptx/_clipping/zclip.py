@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
-from adaptx._core import hints as hints_lib
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import running_stats, validate
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
@@ -32,6 +32,7 @@ _CLIP_OPTIONS = ("adaptive_scaling", "mean")
     "spike",
     "num_clipped",
     "num_skipped",
+    per_tensor=("tensor_grad_norm", "top_tensor"),
 )
 class ZClipState(NamedTuple):
     """State of :func:`zclip`.
@@ -58,6 +59,10 @@ class ZClipState(NamedTuple):
         adaptive threshold or by ``max_norm`` (int32, saturating).
       num_skipped: number of steps so far zeroed by ``zero_on_spike`` (int32,
         saturating).
+      tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
+        step (``TensorFigures``, float32); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest norm at the last
+        intervention (int32 index into ``tensor_grad_norm``; -1 before any).
     """
 
     count: jax.Array
@@ -70,6 +75,8 @@ class ZClipState(NamedTuple):
     spike: jax.Array
     num_clipped: jax.Array
     num_skipped: jax.Array
+    tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
     @property
     def std(self) -> jax.Array:
@@ -89,6 +96,7 @@ def zclip(
     skip_update_on_spike: bool = False,
     zero_on_spike: bool = False,
     axis_name: Any = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ZClip: clips the global norm when it is a statistical outlier of its recent history.
 
@@ -186,6 +194,9 @@ def zclip(
       axis_name: under ``shard_map``/``pmap``, the mapped axis (or axes) the
         gradient tree is sharded over; the squared norm is summed across it, so
         every shard keeps the same statistics of the true global norm.
+      per_tensor: also keep each leaf's gradient norm and the leaf that led the last
+        intervention, for ``adaptx.telemetry(state, per_tensor=True)`` (no extra pass
+        over memory: the global norm is their sum).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -229,7 +240,6 @@ def zclip(
             )
 
     def init_fn(params):
-        del params
         return ZClipState(
             count=jnp.zeros([], jnp.int32),
             mean=jnp.zeros([], jnp.float32),
@@ -241,11 +251,11 @@ def zclip(
             spike=jnp.zeros([], jnp.int32),
             num_clipped=jnp.zeros([], jnp.int32),
             num_skipped=jnp.zeros([], jnp.int32),
+            **per_tensor_lib.initial(params, per_tensor),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        hints = hints_lib.from_extra_args(extra_args)
         tu.check_float_leaves(fn, updates)
         f32 = jnp.float32
         a = tu.as_scalar(alpha, f32)
@@ -253,7 +263,7 @@ def zclip(
         cf = tu.as_scalar(clip_factor, f32)
         n_warm = jnp.asarray(warmup_steps).astype(jnp.int32)
 
-        norm = tu.global_norm(updates, axis_name)
+        norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
         n = norm.astype(f32)
         finite = jnp.isfinite(n)
         warm = state.count < n_warm
@@ -307,8 +317,9 @@ def zclip(
             spike=spike.astype(state.spike.dtype),
             num_clipped=tu.count_if(clipped, state.num_clipped),
             num_skipped=tu.count_if(skipped, state.num_skipped),
+            **per_tensor_lib.updated(state, leaf_norms, spike | (s < 1)),
         )
-        out = tu.scale(updates, s, None if zero_on_spike else hints)
+        out = tu.scale(updates, s, announce=not zero_on_spike)
         if zero_on_spike:
             # Exact zeros even for inf gradients (inf * 0 would be NaN).
             out = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), out)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptx._core import hints
 from adaptx._core import tree as tu
 
 
@@ -243,18 +244,17 @@ def check(fn: str, tree: Any, layout: Layout, what: str = "updates") -> None:
             )
 
 
-def pack(layout: Layout, tree: Any, hints: Any = None) -> tuple[tuple, tuple]:
+def pack(layout: Layout, tree: Any) -> tuple[tuple, tuple]:
     """``tree``'s leaves as (one concatenation per group, the big leaves).
 
-    With ``hints`` (``adaptx._core.hints.ScaleHints``): when every leaf of a group was
-    recorded as ``s * g`` with one and the same scalar ``s`` (a clip before), the group
-    is ``s * concatenate(g)``, the same numbers, so XLA does not write each scaled leaf
-    out before concatenating it.
+    When every leaf of a group was recorded as ``s * g`` with one and the same scalar
+    ``s`` (a clip before, ``adaptx._core.hints``), the group is ``s * concatenate(g)``:
+    the same numbers, and XLA does not write each scaled leaf out before concatenating.
     """
     leaves = jax.tree.leaves(tree)
     flats = []
     for g in layout.groups:
-        found = [hints.lookup(leaves[i]) for i in g] if hints is not None else [None]
+        found = [hints.lookup(leaves[i]) for i in g]
         s = found[0][1] if found[0] is not None else None
         if s is not None and all(f is not None and f[1] is s for f in found):
             raw = jnp.concatenate([jnp.ravel(f[0]) for f in found])

@@ -19,16 +19,47 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adaptx._core import hints as hints_lib
+
 Tree = Any
 
 
 def compute_dtype(*dtypes: Any) -> jnp.dtype:
-    """The dtype arithmetic happens in: float32, or wider if any input is wider."""
+    """The dtype arithmetic happens in: float32, or wider if any input is wider.
+
+    Complex if any input is complex, with parts of that width (complex64, or
+    complex128 beside a float64 or complex128).
+    """
     out = jnp.dtype(jnp.float32)
+    is_complex = False
     for dt in dtypes:
-        if dt is not None and jnp.dtype(dt).itemsize > out.itemsize:
+        if dt is None:
+            continue
+        if jnp.issubdtype(dt, jnp.complexfloating):
+            is_complex, dt = True, real_dtype(dt)
+        if jnp.dtype(dt).itemsize > out.itemsize:
             out = jnp.dtype(dt)
-    return out
+    if not is_complex:
+        return out
+    return jnp.dtype(jnp.complex128 if out.itemsize >= 8 else jnp.complex64)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of a complex dtype's real part; a real dtype itself."""
+    dtype = jnp.dtype(dtype)
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    r""":math:`|x|^2` element-wise, real: ``x * x``, or :math:`\Re(x)^2 + \Im(x)^2` if complex.
+
+    What optax squares for a norm or a second moment (``optax.tree.norm``,
+    ``optax.tree.update_moment_per_elem_norm``), so a complex parameter counts both of
+    its parts. The result has ``x``'s real dtype.
+    """
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return x * x
 
 
 def as_scalar(x: Any, dtype: Any = jnp.float32) -> jax.Array:
@@ -40,19 +71,62 @@ def _path_str(path: tuple) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_float_leaves(fn: str, tree: Tree, what: str = "updates") -> None:
+#: Transforms (by the name their errors use) whose update is defined on complex leaves
+#: as optax defines it, norms and second moments from :func:`abs_sq`: the ones whose
+#: :func:`check_float_leaves` call does not say ``allow_complex`` itself. The Adam engine's
+#: check names the public transform (``scale_by_adam``; its SPAM and update-clipping
+#: options refuse complex leaves in its factory); the others read only the global norm.
+COMPLEX_FORMS = frozenset(
+    {"scale_by_adam", "clip_spikes", "zclip", "autoclip", "guard", "dynamic_loss_scale"}
+)
+
+
+def check_float_leaves(
+    fn: str,
+    tree: Tree,
+    what: str = "updates",
+    *,
+    allow_complex: bool | None = None,
+    why: str | None = None,
+) -> None:
     """Raises ``TypeError`` naming the first leaf that is not floating point.
 
-    Runs at trace time only; costs nothing inside a compiled step.
+    Complex leaves pass where ``allow_complex`` (``None``: where ``fn`` is in
+    :data:`COMPLEX_FORMS`); elsewhere the error says that ``fn`` has no complex form,
+    or ``why``. Runs at trace time only; costs nothing inside a compiled step.
     """
+    if allow_complex is None:
+        allow_complex = fn in COMPLEX_FORMS
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dt = getattr(leaf, "dtype", None)
+        if dt is not None and jnp.issubdtype(dt, jnp.complexfloating):
+            if allow_complex:
+                continue
+            raise TypeError(
+                f"{fn}: {what} leaf {_path_str(path)} is complex ({dt}); "
+                f"{why or f'{fn} has no complex form'}. Pass real leaves (a complex "
+                "parameter as its real and imaginary parts), or exclude the complex ones "
+                "with `optax.masked(tx, mask)`."
+            )
         if dt is None or not jnp.issubdtype(dt, jnp.floating):
             raise TypeError(
                 f"{fn}: {what} leaf {_path_str(path)} has dtype {dt}; adaptx transforms act on "
                 "floating-point leaves only. Remove integer leaves from the tree, or exclude "
                 "them with `optax.masked(tx, mask)`."
             )
+
+
+def refuse_complex(
+    tx: optax.GradientTransformation, fn: str, why: str
+) -> optax.GradientTransformationExtraArgs:
+    """``tx``, whose ``update`` raises ``TypeError`` on a complex leaf (naming ``fn``, ``why``)."""
+    tx = optax.with_extra_args_support(tx)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check_float_leaves(fn, updates, allow_complex=False, why=why)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def check_same_structure(
@@ -95,6 +169,9 @@ MANY_SMALL_LEAVES = 16
 def sum_of_squares(tree: Tree) -> jax.Array:
     """Sum of squares of every element of ``tree``, accumulated in float32 or wider.
 
+    A complex element counts :math:`|z|^2` (:func:`abs_sq`), as in ``optax.tree.norm``;
+    the sum is real.
+
     bf16/f16 leaves are upcast inside the reduction, so a tree whose true norm
     overflows the storage dtype still yields a finite, correct result.
 
@@ -112,13 +189,19 @@ def sum_of_squares(tree: Tree) -> jax.Array:
     if not leaves:
         return jnp.zeros([], jnp.float32)
     acc = compute_dtype(*(x.dtype for x in leaves))
+    real = real_dtype(acc)
+
+    def sq(x):  # a real leaf stays real (no complex upcast) in a tree with complex ones
+        return jnp.sum(abs_sq(x.astype(acc if jnp.iscomplexobj(x) else real)))
+
     small = [x for x in leaves if x.size <= SMALL_LEAF]
     if len(small) < MANY_SMALL_LEAVES:
-        parts = [jnp.sum(jnp.square(x.astype(acc))) for x in leaves]
+        parts = [sq(x) for x in leaves]
     else:
-        parts = [jnp.sum(jnp.square(x.astype(acc))) for x in leaves if x.size > SMALL_LEAF]
-        flat = jnp.concatenate([jnp.ravel(x).astype(acc) for x in small])
-        parts.append(jnp.sum(jnp.square(flat)))
+        parts = [sq(x) for x in leaves if x.size > SMALL_LEAF]
+        flat_dt = acc if any(jnp.iscomplexobj(x) for x in small) else real
+        flat = jnp.concatenate([jnp.ravel(x).astype(flat_dt) for x in small])
+        parts.append(jnp.sum(abs_sq(flat)))
     return sum(parts[1:], parts[0])
 
 
@@ -130,18 +213,18 @@ def global_norm(tree: Tree, axis_name: Any = None) -> jax.Array:
     return jnp.sqrt(sq)
 
 
-def scale(tree: Tree, s: jax.Array, hints: Any = None) -> Tree:
+def scale(tree: Tree, s: jax.Array, announce: bool = False) -> Tree:
     """Multiplies every leaf by the scalar ``s``, in float32 or wider, keeping each leaf's dtype.
 
-    With ``hints`` (an ``adaptx._core.hints.ScaleHints``), each result is recorded as
-    ``s`` times its input, for the transforms after this one.
+    With ``announce``, each result is recorded as ``s`` times its input
+    (``adaptx._core.hints``), for the transforms after this one.
     """
 
     def f(x):
         acc = compute_dtype(x.dtype, s.dtype)
         out = (x.astype(acc) * s.astype(acc)).astype(x.dtype)
-        if hints is not None:
-            hints.record(out, x, s)
+        if announce:
+            hints_lib.record(out, x, s)
         return out
 
     return jax.tree.map(f, tree)
@@ -154,9 +237,12 @@ def to_storage(x: jax.Array, dtype: Any) -> jax.Array:
     the storage range into ``inf``; an infinite second moment would then freeze its
     parameter for good (every later step is ``m / inf = 0``). Such values are stored
     as the dtype's largest finite value instead; NaN stays NaN. A cast to an equal or
-    wider dtype is a plain cast, so float32 states pay nothing.
+    wider dtype is a plain cast, so float32 states pay nothing. A complex ``x`` stored in
+    a real ``dtype`` (a real second moment of a complex parameter) keeps its real part.
     """
     dtype = jnp.dtype(dtype)
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = x.real
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < x.dtype.itemsize:
         top = jnp.asarray(float(jnp.finfo(dtype).max), x.dtype)
         x = jnp.clip(x, -top, top)

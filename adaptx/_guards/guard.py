@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._core import loss_value, robust_stats, running_stats, validate
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
@@ -30,6 +31,7 @@ OK, NONFINITE, SPIKE, NONFINITE_LOSS, LOSS_SPIKE = 0, 1, 2, 3, 4
     "loss_mean",
     "loss_std",
     "loss_z",
+    per_tensor=("tensor_grad_norm", "top_tensor"),
 )
 class GuardState(NamedTuple):
     """State of :func:`guard`.
@@ -50,6 +52,11 @@ class GuardState(NamedTuple):
       loss_mean: running mean of the loss (float32), NaN-proof and winsorised.
       loss_var: running variance of the loss (float32).
       loss_z: z-score of the last step's loss against the statistics before it.
+      tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
+        step (``TensorFigures``, float32); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest norm at the last
+        skipped step (int32 index into ``tensor_grad_norm``; -1 before any). On a
+        non-finite step, the first non-finite leaf.
     """
 
     inner_state: optax.OptState
@@ -66,6 +73,8 @@ class GuardState(NamedTuple):
     loss_mean: jax.Array
     loss_var: jax.Array
     loss_z: jax.Array
+    tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
     @property
     def loss_std(self) -> jax.Array:
@@ -133,6 +142,7 @@ def guard(
     loss_z: float | jax.Array | None = None,
     loss_alpha: float | jax.Array = 0.98,
     axis_name: Any = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a transformation so that bad steps are skipped, not applied.
 
@@ -197,6 +207,9 @@ def guard(
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are sharded
         over; the norm is reduced across it (and the loss averaged over it) so every
         shard makes the same decision.
+      per_tensor: also keep each leaf's gradient norm and the leaf that led the last
+        skip, for ``adaptx.telemetry(state, per_tensor=True)`` (no extra pass over
+        memory: the global norm is their sum).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -238,11 +251,12 @@ def guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        return _init_state(inner.init(params))
+        return _init_state(inner.init(params), **per_tensor_lib.initial(params, per_tensor))
 
     def update_fn(updates, state, params=None, **extra_args):
         tu.check_float_leaves(fn, updates)
-        norm = tu.global_norm(updates, axis_name).astype(jnp.float32)
+        norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
+        norm = norm.astype(jnp.float32)
         finite = jnp.isfinite(norm)
         no = jnp.zeros([], bool)
         if max_consecutive_skips is not None:
@@ -293,12 +307,13 @@ def guard(
             loss_mean=lv.mean,
             loss_var=lv.var,
             loss_z=lv.z,
+            **per_tensor_lib.updated(state, leaf_norms, skip),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _init_state(inner_state: optax.OptState) -> GuardState:
+def _init_state(inner_state: optax.OptState, **per_tensor_fields) -> GuardState:
     def scalar(dtype=jnp.float32):  # a buffer of its own: state may be donated
         return jnp.zeros([], dtype)
 
@@ -318,6 +333,7 @@ def _init_state(inner_state: optax.OptState) -> GuardState:
         loss_mean=scalar(),
         loss_var=scalar(),
         loss_z=scalar(),
+        **per_tensor_fields,
     )
 
 

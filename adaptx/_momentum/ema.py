@@ -26,7 +26,11 @@ class EmaState(NamedTuple):
 
 
 def ema(
-    decay: float | jax.Array, *, debias: bool = True, dtype: Any = None
+    decay: float | jax.Array,
+    debias: bool = True,
+    accumulator_dtype: Any = None,
+    *,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Exponential moving average of the updates, optionally bias-corrected.
 
@@ -35,12 +39,14 @@ def ema(
       e_t = \beta e_{t-1} + (1-\beta) g_t, \qquad
       u_t = \begin{cases} e_t / (1-\beta^t) & \text{debias} \\ e_t & \text{otherwise.} \end{cases}
 
-    Same numbers as ``optax.ema``. The bias correction is one scalar per step.
+    Same numbers as ``optax.ema``, and its parameters in its order. The bias correction
+    is one scalar per step. Complex leaves are averaged as they are, as optax does.
 
     Args:
       decay: :math:`\beta \in [0, 1)`.
       debias: divide by :math:`1-\beta^t` so early averages are not biased to zero.
-      dtype: storage dtype of the average (default: the parameter's dtype).
+      accumulator_dtype: storage dtype of the average (default: the parameter's dtype).
+      dtype: former name of ``accumulator_dtype``; give one or the other.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -58,7 +64,14 @@ def ema(
     """
     fn = "ema"
     validate.check_decay(fn, "decay", decay)
-    validate.check_dtype(fn, "dtype", dtype)
+    if dtype is not None and accumulator_dtype is not None:
+        raise ValueError(
+            f"{fn}: `dtype` is the former name of `accumulator_dtype`; pass only one, got "
+            f"dtype={dtype!r} and accumulator_dtype={accumulator_dtype!r}."
+        )
+    name = "dtype" if dtype is not None else "accumulator_dtype"
+    dtype = dtype if dtype is not None else accumulator_dtype
+    validate.check_dtype(fn, name, dtype)
     dtype = tu.canonical_dtype(dtype)
 
     def init_fn(params):
@@ -67,7 +80,7 @@ def ema(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         signal = skip_lib.from_extra_args(extra_args)
-        tu.check_float_leaves(fn, updates)
+        tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.ema, "updates", "state.ema", shapes=True)
         count = tu.safe_increment(state.count)
         beta = tu.as_scalar(decay, jnp.float32)

@@ -34,7 +34,8 @@ def momentum(
       u_t = \begin{cases} g_t + \mu\, b_t & \text{nesterov} \\ b_t & \text{otherwise.} \end{cases}
 
     The buffer is not damped by :math:`1-\mu`, as in PyTorch's SGD and
-    ``optax.sgd``; put the learning rate after it.
+    ``optax.sgd``; put the learning rate after it. Complex leaves are averaged as they
+    are, as ``optax.trace`` does.
 
     Args:
       decay: :math:`\mu \in [0, 1)`.
@@ -71,7 +72,7 @@ def momentum(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         signal = skip_lib.from_extra_args(extra_args)
-        tu.check_float_leaves(fn, updates)
+        tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.trace, "updates", "state.trace", shapes=True)
         mu = tu.as_scalar(decay, jnp.float32)
 

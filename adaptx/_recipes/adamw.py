@@ -7,7 +7,6 @@ from typing import Any
 
 import optax
 
-from adaptx._core import hints as hints_lib
 from adaptx._core import validate
 from adaptx._recipes.common import add_decayed_weights, check_learning_rate, optional_clip
 from adaptx._scaling.adam import scale_by_adam
@@ -19,13 +18,14 @@ def adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    *,
-    max_norm: float | None = 1.0,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
+    eps_root: float = 0.0,
     mu_dtype: Any = None,
-    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
     nesterov: bool = False,
+    max_norm: float | None = 1.0,
+    nu_dtype: Any = None,
     pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW (decoupled weight decay) behind global-norm gradient clipping.
@@ -33,25 +33,31 @@ def adamw(
     .. math::
 
       \tilde g_t = \min\!\left(1, \tfrac{c}{\|g_t\|}\right) g_t, \qquad
-      \theta_t = \theta_{t-1} - \eta_t \left( \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+      \theta_t = \theta_{t-1} - \eta_t \left(
+        \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
         + \lambda\, \theta_{t-1} \right)
 
     with :math:`\hat m_t, \hat v_t` Adam's bias-corrected moments of
     :math:`\tilde g`. Equal to ``optax.chain(optax.clip_by_global_norm(c),
-    optax.adamw(...))``, with the pre-clip norm kept for :func:`adaptx.telemetry`.
+    optax.adamw(...))``, with the pre-clip norm kept for :func:`adaptx.telemetry`; with
+    ``max_norm=None``, to ``optax.adamw``. The positional parameters are
+    ``optax.adamw``'s, in its order; adaptx's own options are keyword-only.
 
     Args:
       learning_rate: :math:`\eta`, a number or an optax schedule ``step -> lr``.
       b1: decay of the first moment.
       b2: decay of the second moment.
-      eps: denominator floor.
-      weight_decay: :math:`\lambda \ge 0`, decoupled weight decay.
-      max_norm: global-norm bound :math:`c`; ``None`` disables clipping.
+      eps: denominator floor, outside the square root.
+      eps_root: :math:`\epsilon_{root} \ge 0`, added inside the square root.
+      mu_dtype: storage dtype of the first moment.
+      weight_decay: :math:`\lambda \ge 0`, decoupled weight decay (a number or a
+        schedule, as in optax).
       mask: a tree of booleans (or a function of the params returning one) saying
         which parameters are decayed; typically excludes biases and norms.
-      mu_dtype: storage dtype of the first moment.
-      nu_dtype: storage dtype of the second moment.
       nesterov: use NAdam's Nesterov momentum.
+      max_norm: global-norm bound :math:`c` (adaptx's default 1.0; optax has no
+        clip); ``None`` disables clipping.
+      nu_dtype: storage dtype of the second moment.
       pack_small_leaves: keep the moments of leaves with at most this many elements
         in flat buffers (e.g. ``65536``): the same numbers, a much faster compile and
         step on trees of many small leaves. See :func:`adaptx.scale_by_adam`.
@@ -89,16 +95,17 @@ def adamw(
     validate.check_decay(fn, "b1", b1)
     validate.check_decay(fn, "b2", b2, example="0.999")
     validate.check_nonnegative(fn, "eps", eps, example="1e-8")
+    validate.check_nonnegative(fn, "eps_root", eps_root, example="0.0")
     validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
-    # hinted_chain: the clip tells a packed Adam its output is s * g (adaptx._core.hints).
-    return hints_lib.hinted_chain(
+    return optax.chain(
         optional_clip(max_norm),
         scale_by_adam(
             b1,
             b2,
             eps,
+            eps_root,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
             nesterov=nesterov,
@@ -178,7 +185,7 @@ def adam_atan2(
     validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
-    return hints_lib.hinted_chain(
+    return optax.chain(
         optional_clip(max_norm),
         scale_by_adam_atan2(
             b1,

@@ -8,7 +8,6 @@ from typing import Any
 import optax
 
 from adaptx._clipping.spike_clip import clip_spikes
-from adaptx._core import hints as hints_lib
 from adaptx._core import validate
 from adaptx._guards.guard import guard
 from adaptx._recipes.common import add_decayed_weights, check_learning_rate
@@ -292,7 +291,7 @@ def robust_adamw(
     _check_adam(fn, b1, b2, eps)
     if update_rms_clip is not None:
         validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
-    inner = hints_lib.hinted_chain(
+    inner = optax.chain(
         clip_spikes(
             clip_z,
             clip_ratio,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optax
 
 from adaptx._core import validate
@@ -12,8 +14,9 @@ from adaptx._recipes.common import check_learning_rate, optional_clip
 def sgd(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float | None = 0.9,
-    *,
     nesterov: bool = False,
+    accumulator_dtype: Any = None,
+    *,
     max_norm: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with heavy-ball momentum behind global-norm gradient clipping.
@@ -24,13 +27,19 @@ def sgd(
       b_t = \tilde g_t + \mu b_{t-1}, \qquad \theta_t = \theta_{t-1} - \eta_t b_t
 
     (Nesterov: :math:`\theta_t = \theta_{t-1} - \eta_t(\tilde g_t + \mu b_t)`). Equal to
-    ``optax.chain(optax.clip_by_global_norm(c), optax.sgd(lr, momentum, nesterov))``.
+    ``optax.chain(optax.clip_by_global_norm(c), optax.sgd(lr, momentum, nesterov))``;
+    with ``max_norm=None``, to ``optax.sgd``. The positional parameters are
+    ``optax.sgd``'s, in its order; adaptx's own option is keyword-only.
 
     Args:
       learning_rate: :math:`\eta`, a number or an optax schedule.
-      momentum: :math:`\mu \in [0, 1)`; ``None`` or ``0`` for plain SGD.
+      momentum: :math:`\mu \in [0, 1)`; ``None`` or ``0`` for plain SGD (adaptx's
+        default 0.9; optax's is ``None``).
       nesterov: use Nesterov momentum.
-      max_norm: global-norm bound :math:`c`; ``None`` disables clipping.
+      accumulator_dtype: storage dtype of the momentum buffer (default: the
+        parameter's dtype); unused without momentum.
+      max_norm: global-norm bound :math:`c` (adaptx's default 1.0; optax has no
+        clip); ``None`` disables clipping.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -53,11 +62,14 @@ def sgd(
         validate.check_nonnegative(fn, "max_norm", max_norm)
     if momentum is not None:
         validate.check_decay(fn, "momentum", momentum)
+    validate.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
     use_momentum = momentum is not None and not (
         isinstance(momentum, int | float) and momentum == 0
     )
     return optax.chain(
         optional_clip(max_norm),
-        momentum_tx(momentum, nesterov=nesterov) if use_momentum else optax.identity(),
+        momentum_tx(momentum, nesterov=nesterov, dtype=accumulator_dtype)
+        if use_momentum
+        else optax.identity(),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -37,7 +37,8 @@ def scale_by_adagrad(
       u_t = \begin{cases} g_t / \sqrt{G_t + \epsilon} & G_t > 0 \\ 0 & G_t = 0 \end{cases}
 
     with :math:`G_0` = ``initial_accumulator_value``. Same numbers as
-    ``optax.scale_by_rss`` (the rescaling inside ``optax.adagrad``).
+    ``optax.scale_by_rss`` (the rescaling inside ``optax.adagrad``); a complex
+    :math:`g_t` adds :math:`|g_t|^2`, as there.
 
     Args:
       initial_accumulator_value: :math:`G_0 \ge 0`.
@@ -74,15 +75,16 @@ def scale_by_adagrad(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         signal = skip_lib.from_extra_args(extra_args)
-        tu.check_float_leaves(fn, updates)
+        tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.sum_of_squares, "updates", "state", shapes=True)
         e = tu.as_scalar(eps, jnp.float32)
 
         def leaf(g, s):
             acc = tu.compute_dtype(g.dtype, s.dtype)
             g_ = g.astype(acc)
-            s_ = skip_lib.hold(signal, s, s.astype(acc) + g_ * g_)
-            u = jnp.where(s_ > 0, g_ * jax.lax.rsqrt(s_ + e.astype(acc)), jnp.zeros([], acc))
+            s_ = skip_lib.hold(signal, s, s.astype(acc) + tu.abs_sq(g_).astype(acc))
+            pos = jnp.real(s_) > 0  # G is real (a complex G has a zero imaginary part)
+            u = jnp.where(pos, g_ * jax.lax.rsqrt(s_ + e.astype(acc)), jnp.zeros([], acc))
             u = skip_lib.silence(signal, u)
             return u.astype(g.dtype), skip_lib.kept(signal, s, tu.to_storage(s_, s.dtype))
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
@@ -15,7 +16,11 @@ from adaptx._scaling import adam_engine as engine
 from adaptx._scaling import spam, update_rms
 
 
-@reports("scale_by_adam", "spikes", "update_clipped", "max_update_rms", "momentum_scale")
+@reports(
+    "scale_by_adam",
+    *("spikes", "update_clipped", "max_update_rms", "momentum_scale"),
+    per_tensor=("tensor_update_rms", "top_tensor"),
+)
 class ScaleByAdamState(NamedTuple):
     r"""State of :func:`scale_by_adam`.
 
@@ -38,6 +43,10 @@ class ScaleByAdamState(NamedTuple):
         (float32; 1 outside a warm-up).
       offsets: with ``pack_small_leaves``, each packed leaf's start in the flat
         buffers (int32 arrays of shape [1]); empty otherwise.
+      tensor_update_rms: with ``per_tensor`` (and update clipping), each leaf's update
+        RMS ratio at the last step (``TensorFigures``, float32); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest ratio at the last step
+        that clipped any (int32 index into ``tensor_update_rms``; -1 before any).
     """
 
     count: jax.Array
@@ -48,6 +57,8 @@ class ScaleByAdamState(NamedTuple):
     max_update_rms: jax.Array | None = None
     momentum_scale: jax.Array | None = None
     offsets: tuple = ()
+    tensor_update_rms: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
 
 #: Former name of :class:`ScaleByAdamState` with the defense figures; the same class.
@@ -59,8 +70,8 @@ def scale_by_adam(
     b2: float | jax.Array = 0.999,
     eps: float | jax.Array = 1e-8,
     eps_root: float | jax.Array = 0.0,
-    *,
     mu_dtype: Any = None,
+    *,
     nu_dtype: Any = None,
     nesterov: bool = False,
     spike_threshold: float | jax.Array | None = None,
@@ -69,6 +80,7 @@ def scale_by_adam(
     spike_start: int = 20,
     update_rms_clip: float | jax.Array | None = None,
     pack_small_leaves: int | None = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by Adam's bias-corrected moment estimates, with optional spike defenses.
 
@@ -85,7 +97,10 @@ def scale_by_adam(
     With ``nesterov=True`` (NAdam, Dozat 2016), :math:`\hat m_t` is replaced by
     :math:`\frac{\beta_1 m_t}{1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}`.
 
-    Same numbers as ``optax.scale_by_adam`` for the same settings. The bias
+    Same numbers as ``optax.scale_by_adam`` for the same settings, and its positional
+    parameters (``b1, b2, eps, eps_root, mu_dtype``); the options after those are
+    keyword-only. Complex parameters are handled as optax handles them: :math:`m` is
+    complex and :math:`v` takes :math:`|g_t|^2`. The bias
     corrections are scalars computed once per step; the moments are updated in
     float32 (or wider) and stored back in their own dtypes, which are both
     configurable (``optax`` only lets you choose ``mu``'s). The returned update has
@@ -128,7 +143,9 @@ def scale_by_adam(
 
     When any of these is on, the state (:class:`ScaleByAdamState`) also keeps the
     number of clipped elements, update-clipped tensors, the largest update RMS ratio
-    and the warm-up factor for :func:`adaptx.telemetry`.
+    and the warm-up factor for :func:`adaptx.telemetry`. None of them has a complex
+    form (each compares :math:`g^2` with :math:`v` element by element or per tensor):
+    with any of them on, a complex leaf raises ``TypeError``.
 
     **Many small leaves.** With ``pack_small_leaves`` :math:`k`, the moments of every
     leaf with at most :math:`k` elements live in one flat buffer per dtype (a
@@ -164,6 +181,9 @@ def scale_by_adam(
       update_rms_clip: StableAdamW's :math:`d > 0` (paper default 1.0); ``None`` off.
       pack_small_leaves: pack the moments of leaves with at most this many elements
         (e.g. ``65536``) into flat buffers; ``None`` (default) keeps one array per leaf.
+      per_tensor: with ``update_rms_clip``, also keep each tensor's update RMS ratio and
+        the tensor that led the last update clip, for ``adaptx.telemetry(state,
+        per_tensor=True)`` (the ratios update clipping computes anyway).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -221,6 +241,12 @@ def scale_by_adam(
     pack_small_leaves = validate.static_int(
         fn, "pack_small_leaves", pack_small_leaves, low=1, allow_none=True, example="65536"
     )
+    if per_tensor and update_rms_clip is None:
+        raise ValueError(
+            f"{fn}: per_tensor=True keeps each tensor's update RMS, which only update "
+            "clipping computes; pass update_rms_clip too (e.g. update_rms_clip=1.0), or "
+            "per_tensor=False."
+        )
     defended = any(x is not None for x in (spike_threshold, reset_interval, update_rms_clip))
     moments, scalars = _moment_rule(spike_threshold, reset_interval, reset_warmup, spike_start)
     method = adam_method(
@@ -234,26 +260,29 @@ def scale_by_adam(
         changes_grad=spike_threshold is not None,
     )
 
-    def make_state(moments: engine.Moments, step: engine.Step | None) -> ScaleByAdamState:
+    def make_state(moments: engine.Moments, step: engine.Step | None, context) -> ScaleByAdamState:
         state = ScaleByAdamState(moments.count, moments.mu, moments.nu, offsets=moments.offsets)
         if not defended:
             return state
-        if step is None:
+        if step is None:  # context: the params
             return state._replace(  # distinct arrays: a fresh state may be donated
                 spikes=jnp.zeros([], jnp.int32),
                 update_clipped=jnp.zeros([], jnp.int32),
                 max_update_rms=jnp.zeros([], jnp.float32),
                 momentum_scale=jnp.ones([], jnp.float32),
+                **per_tensor_lib.initial(context, per_tensor, "tensor_update_rms"),
             )
         warm = spam.schedule(moments.count, reset_interval, reset_warmup, spike_start)[2]
+        figures = step.stats if per_tensor else None  # context: the previous state
         return state._replace(
             spikes=step.changed,
             update_clipped=step.exceeded,
             max_update_rms=step.max_stat,
             momentum_scale=warm,
+            **per_tensor_lib.updated(context, figures, step.exceeded > 0, "tensor_update_rms"),
         )
 
-    return engine.transformation(
+    tx = engine.transformation(
         method,
         b1,
         b2,
@@ -262,6 +291,13 @@ def scale_by_adam(
         pack_small_leaves=pack_small_leaves,
         make_state=make_state,
     )
+    if not defended:
+        return tx
+    why = (
+        "SPAM's spike clip and momentum reset (spike_threshold, reset_interval) and "
+        "StableAdamW's update clipping (update_rms_clip) have no complex form"
+    )
+    return tu.refuse_complex(tx, fn, why)
 
 
 def adam_method(

@@ -62,7 +62,8 @@ def scale_by_adam_atan2(
     :math:`a = 1.27 \approx 4/\pi` (so that :math:`a \operatorname{atan2}(x, 1) = x` at
     :math:`|x| = 1`) and :math:`b = 1`, with :math:`\beta_2 = 0.99`. Same engine as
     :func:`adaptx.scale_by_adam`: configurable storage dtypes, the skip protocol of
-    :func:`adaptx.guard`, and ``pack_small_leaves``.
+    :func:`adaptx.guard`, and ``pack_small_leaves``. ``atan2`` takes real arguments: a
+    complex leaf raises ``TypeError``.
 
     Args:
       b1: decay :math:`\beta_1 \in [0, 1)` of the first moment.
@@ -118,11 +119,11 @@ def scale_by_adam_atan2(
         nesterov=nesterov,
     )
 
-    def make_state(moments: engine.Moments, step: engine.Step | None) -> ScaleByAdamAtan2State:
-        del step
+    def make_state(moments: engine.Moments, step, context) -> ScaleByAdamAtan2State:
+        del step, context
         return ScaleByAdamAtan2State(moments.count, moments.mu, moments.nu, moments.offsets)
 
-    return engine.transformation(
+    tx = engine.transformation(
         method,
         b1,
         b2,
@@ -131,3 +132,4 @@ def scale_by_adam_atan2(
         pack_small_leaves=pack_small_leaves,
         make_state=make_state,
     )
+    return tu.refuse_complex(tx, fn, "atan2 has no complex form (it takes real arguments)")

@@ -93,11 +93,16 @@ class Method(NamedTuple):
 def ema_moments(k: dict, g: jax.Array, m: jax.Array, v: jax.Array):
     r"""Adam's moments.
 
-    :math:`m = \beta_1 m + (1-\beta_1) g` and :math:`v = \beta_2 v + (1-\beta_2) g^2`.
+    :math:`m = \beta_1 m + (1-\beta_1) g` and :math:`v = \beta_2 v + (1-\beta_2) |g|^2`.
+
+    For a complex :math:`g`, :math:`m` is complex and :math:`|g|^2` real (``tu.abs_sq``),
+    as in ``optax.scale_by_adam``; :math:`v` keeps the dtype it came in (complex when
+    stored like the parameter, with a zero imaginary part).
     """
-    b1, b2 = k["b1"].astype(g.dtype), k["b2"].astype(g.dtype)
+    g2 = tu.abs_sq(g)
+    b1, b2 = k["b1"].astype(g.dtype), k["b2"].astype(g2.dtype)
     m = (1 - b1) * g + b1 * m
-    v = (1 - b2) * (g * g) + b2 * v
+    v = ((1 - b2) * g2).astype(v.dtype) + b2.astype(v.dtype) * v
     return g, m, v, jnp.zeros([], jnp.int32)
 
 
@@ -124,6 +129,8 @@ class Step(NamedTuple):
       changed: elements the method's moment rule changed (int32; SPAM's spikes).
       exceeded: tensors the reduction scaled down (int32; 0 without a reduction).
       max_stat: largest per-tensor statistic of the reduction (float32; 0 without).
+      stats: the reduction's statistic of every leaf, in tree order (float32 vector;
+        ``None`` without a reduction).
     """
 
     updates: Any
@@ -131,6 +138,7 @@ class Step(NamedTuple):
     changed: jax.Array
     exceeded: jax.Array
     max_stat: jax.Array
+    stats: jax.Array | None = None
 
 
 def init(params: Any, mu_dtype: Any, nu_dtype: Any, pack_small_leaves: int | None) -> Moments:
@@ -173,14 +181,11 @@ def update(
     else:
         tu.check_same_structure(fn, updates, state.mu, "updates", "state.mu", shapes=True)
     count = tu.safe_increment(state.count)
-    ctx = _Context(
-        method,
-        step_scalars(method, b1, b2, count),
-        skip_lib.from_extra_args(extra_args),
-        hints_lib.from_extra_args(extra_args),
-    )
+    signal = skip_lib.from_extra_args(extra_args)
+    ctx = _Context(method, step_scalars(method, b1, b2, count), signal)
     if packed:
         u, mu, nu, outs, stats = _packed(ctx, updates, state)
+        order = _packed_order(state.mu.layout)
     else:
         out = jax.tree.map(lambda g, m, v: _leaf(ctx, g, m, v), updates, state.mu, state.nu)
         is_out = lambda x: isinstance(x, _LeafOut)  # noqa: E731
@@ -189,15 +194,15 @@ def update(
         nu = jax.tree.map(lambda o: o.v, out, is_leaf=is_out)
         outs = jax.tree.leaves(out, is_leaf=is_out)
         stats = [o.stat for o in outs]
+        order = None
     offsets = tuple(skip_lib.kept(ctx.signal, o, o) for o in state.offsets)
-    return _finish(ctx, u, Moments(count, mu, nu, offsets), outs, stats)
+    return _finish(ctx, u, Moments(count, mu, nu, offsets), outs, stats, order)
 
 
 class _Context(NamedTuple):
     method: Method
     k: dict
     signal: skip_lib.SkipSignal | None
-    hints: hints_lib.ScaleHints | None
 
 
 class _LeafOut(NamedTuple):
@@ -253,7 +258,7 @@ def _tensor_stat(ctx: _Context, g_in: jax.Array, g: jax.Array, v: jax.Array) -> 
     """
     red, k = ctx.method.reduction, ctx.k
     acc = g.dtype
-    scaled = ctx.hints.lookup(g_in) if ctx.hints is not None else None
+    scaled = hints_lib.lookup(g_in)
     w = red.weight(k).astype(acc)
     if scaled is not None and red.degree is not None and not ctx.method.changes_grad:
         g0, s0 = scaled[0].astype(acc), scaled[1].astype(acc)
@@ -272,7 +277,7 @@ def _packed(ctx: _Context, updates: Any, state: Moments):
     factors) before the leaves are cut out of it: one kernel a leaf, as without it.
     """
     layout = state.mu.layout
-    g_flats, g_bigs = packing.pack(layout, updates, ctx.hints)
+    g_flats, g_bigs = packing.pack(layout, updates)
     n = len(g_flats)
     grads = g_flats + g_bigs
     ms, vs = state.mu.flats + state.mu.bigs, state.nu.flats + state.nu.bigs
@@ -314,8 +319,22 @@ def _scale_packed(ctx, layout, group, g_flat, out: _LeafOut, u):
     return u, stat
 
 
-def _finish(ctx: _Context, u: Any, moments: Moments, outs: list, stats: list) -> Step:
-    """The :class:`Step` with its counters summed over leaves and packed tensors."""
+def _packed_order(layout: packing.Layout) -> np.ndarray:
+    """Where each leaf's statistic sits in ``[big leaves..., group 0..., group 1...]``."""
+    pos = np.zeros(len(layout.shapes), np.int32)
+    flat = list(layout.big) + [i for g in layout.groups for i in g]
+    pos[np.asarray(flat, np.int64)] = np.arange(len(flat), dtype=np.int32)
+    return pos
+
+
+def _finish(
+    ctx: _Context, u: Any, moments: Moments, outs: list, stats: list, order: np.ndarray | None
+) -> Step:
+    """The :class:`Step` with its counters summed over leaves and packed tensors.
+
+    ``order``: for a packed state, each leaf's position in the concatenated ``stats``
+    (big leaves first, then each group's vector); ``None`` when they are in tree order.
+    """
     zero_i, zero_f = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32)
     changed = sum((o.changed for o in outs), zero_i)
     red = ctx.method.reduction
@@ -324,7 +343,10 @@ def _finish(ctx: _Context, u: Any, moments: Moments, outs: list, stats: list) ->
     # a packed buffer gives a vector, one statistic per tensor
     exceeded = sum((jnp.sum(red.exceeded(ctx.k, s), dtype=jnp.int32) for s in stats), zero_i)
     max_stat = jnp.max(jnp.stack([jnp.max(s) for s in stats]))
-    return Step(u, moments, changed, exceeded, max_stat)
+    by_leaf = jnp.concatenate([jnp.reshape(s, [-1]) for s in stats])
+    if order is not None:
+        by_leaf = by_leaf[jnp.asarray(order)]  # one gather: leaves back in tree order
+    return Step(u, moments, changed, exceeded, max_stat, by_leaf)
 
 
 def transformation(
@@ -335,23 +357,24 @@ def transformation(
     mu_dtype: Any,
     nu_dtype: Any,
     pack_small_leaves: int | None,
-    make_state: Callable[[Moments, Step | None], Any],
+    make_state: Callable[[Moments, Step | None, Any], Any],
 ) -> optax.GradientTransformationExtraArgs:
     """An optax transform running ``method`` on the engine.
 
-    ``make_state(moments, step)`` builds the public transform's own state: from the
-    initial moments (``step`` is ``None``) and after each update.
+    ``make_state(moments, step, context)`` builds the public transform's own state: from
+    the initial moments (``step`` is ``None``, ``context`` the params) and after each
+    update (``context`` the previous state).
     """
     mu_dtype = tu.canonical_dtype(mu_dtype)
     nu_dtype = tu.canonical_dtype(nu_dtype)
 
     def init_fn(params):
-        return make_state(init(params, mu_dtype, nu_dtype, pack_small_leaves), None)
+        return make_state(init(params, mu_dtype, nu_dtype, pack_small_leaves), None, params)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
         moments = Moments(state.count, state.mu, state.nu, state.offsets)
         step = update(method, b1, b2, updates, moments, extra_args)
-        return step.updates, make_state(step.moments, step)
+        return step.updates, make_state(step.moments, step, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

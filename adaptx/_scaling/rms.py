@@ -45,7 +45,9 @@ def scale_by_rms(
       u_t = \frac{g_t}{\sqrt{\hat v_t + \epsilon}} \ \ (\text{eps\_in\_sqrt}) \quad\text{or}\quad
       u_t = \frac{g_t}{\sqrt{\hat v_t} + \epsilon} .
 
-    Same numbers as ``optax.scale_by_rms`` for the same settings;
+    Same numbers as ``optax.scale_by_rms`` for the same settings, and its positional
+    parameters in its order. A complex :math:`g_t` adds :math:`|g_t|^2` to :math:`v`,
+    as in optax;
     ``scale_by_rms(decay=b2, eps_in_sqrt=False, bias_correction=True)`` matches
     ``scale_by_adam(b1=0, b2=b2)`` without storing a first moment.
 
@@ -88,7 +90,7 @@ def scale_by_rms(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         signal = skip_lib.from_extra_args(extra_args)
-        tu.check_float_leaves(fn, updates)
+        tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.nu, "updates", "state.nu", shapes=True)
         f32 = jnp.float32
         count = tu.safe_increment(state.count)
@@ -99,7 +101,7 @@ def scale_by_rms(
         def leaf(g, v):
             acc = tu.compute_dtype(g.dtype, v.dtype)
             g_, r = g.astype(acc), rho.astype(acc)
-            v_ = skip_lib.hold(signal, v, (1 - r) * (g_ * g_) + r * v.astype(acc))
+            v_ = skip_lib.hold(signal, v, (1 - r) * tu.abs_sq(g_).astype(acc) + r * v.astype(acc))
             v_hat = v_ * inv_bc.astype(acc) if bias_correction else v_
             if eps_in_sqrt:
                 u = g_ * jax.lax.rsqrt(v_hat + e.astype(acc))

@@ -1,0 +1,157 @@
+"""Are the scale hints worth keeping? One paired run, hints on against off, on the four trees.
+
+A clip announces that its output is ``s * g`` (``adaptx._core.hints``) so that a packed
+Adam concatenates ``g`` and an update-RMS reduction reads ``g``, instead of a scaled
+copy. This script compiles each recipe with the hints and without them
+(``adaptx._core.hints.disabled``) and compares, per tree, in one run:
+
+- step time of the jitted, donated step (``update`` + ``apply_updates``), interleaved
+  rounds, as the ratio off / on: median, min and max;
+- full-size passes (kernels of the optimized HLO reading or writing a full-size array,
+  ``bench/hlo_report.py``), summed bytes in units of one float32 pass over the tree;
+- peak temporary memory of the compiled step (``memory_analysis``);
+- compile time.
+
+    python -m bench.hints                     # the four trees, ~10 min on 2 CPU cores
+    python -m bench.hints --quick             # tiny trees, seconds
+    python -m bench.hints --out bench/measured/hints
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adaptx
+from adaptx._core import hints as hints_lib
+from bench.hlo_report import kernel_rows
+from bench.update_step import make_numpy_tree, tree_shapes
+
+TREES = ("single16", "single64", "transformer", "many_small")
+
+RECIPES = {
+    "robust_adamw": lambda: adaptx.robust_adamw(1e-3),
+    "robust_adamw packed": lambda: adaptx.robust_adamw(1e-3, pack_small_leaves=65536),
+    "adamw packed": lambda: adaptx.adamw(1e-3, pack_small_leaves=65536),
+}
+
+
+def compiled_step(tx, params, grads):
+    """The jitted, donated step, compiled, with its compile time in seconds."""
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p, value=jnp.float32(1.0))
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    t = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    return compiled, state, time.perf_counter() - t
+
+
+def passes(hlo: str, params) -> float:
+    """Bytes of the kernels touching a full-size array, in passes over the whole tree."""
+    tree_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    biggest = max(x.nbytes for x in jax.tree.leaves(params))
+    rows = [r for r in kernel_rows(hlo) if max(r["in_bytes"], r["out_bytes"]) >= biggest]
+    return sum(r["in_bytes"] + r["out_bytes"] for r in rows) / tree_bytes
+
+
+def measure(tree: str, recipe: str, quick: bool, reps: int) -> dict:
+    shapes = tree_shapes(tree, quick)
+    np_params = make_numpy_tree(shapes, 0, 1.0)
+    grads = jax.tree.map(jnp.asarray, make_numpy_tree(shapes, 1, 1e-3))
+    cells = {}
+    for label in ("on", "off"):
+        tx = RECIPES[recipe]()
+        params = jax.tree.map(jnp.asarray, np_params)
+        with hints_lib.disabled() if label == "off" else contextlib.nullcontext():
+            compiled, state, seconds = compiled_step(tx, params, grads)
+        mem = compiled.memory_analysis()
+        cells[label] = {
+            "compiled": compiled,
+            "carry": [params, state],
+            "compile_s": seconds,
+            "passes": passes(compiled.as_text(), np_params),
+            "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
+        }
+    times = {"on": [], "off": []}
+    for r in range(reps + 2):  # two warm-up rounds, then interleaved timed rounds
+        for label in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            c = cells[label]
+            t = time.perf_counter()
+            c["carry"] = list(c["compiled"](*c["carry"], grads))
+            jax.block_until_ready(c["carry"])
+            if r >= 2:
+                times[label].append(time.perf_counter() - t)
+    ratios = [off / on for on, off in zip(times["on"], times["off"], strict=True)]
+    out = {"tree": tree, "recipe": recipe}
+    for label in ("on", "off"):
+        c = cells[label]
+        out[label] = {
+            "step_ms": 1e3 * statistics.median(times[label]),
+            "passes": round(c["passes"], 2),
+            "temp_mb": c["temp_mb"],
+            "compile_s": round(c["compile_s"], 2),
+        }
+    out["ratio_off_over_on"] = {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+    }
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    head = (
+        "| tree | recipe | step on (ms) | off / on: median (min-max) | passes on / off "
+        "| temp MB on / off | compile s on / off |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+    )
+    lines = []
+    for r in rows:
+        on, off, q = r["on"], r["off"], r["ratio_off_over_on"]
+        mem = "n/a" if on["temp_mb"] is None else f"{on['temp_mb']:.1f} / {off['temp_mb']:.1f}"
+        lines.append(
+            f"| {r['tree']} | {r['recipe']} | {on['step_ms']:.2f} | {q['median']:.3f} "
+            f"({q['min']:.3f}-{q['max']:.3f}) | {on['passes']:.1f} / {off['passes']:.1f} | {mem} "
+            f"| {on['compile_s']:.1f} / {off['compile_s']:.1f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trees", default=",".join(TREES), help="comma-separated trees")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 15; quick 3)")
+    p.add_argument("--quick", action="store_true", help="tiny trees, few rounds")
+    p.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
+    args = p.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 15)
+    rows = []
+    for tree in args.trees.split(","):
+        for recipe in args.recipes.split(","):
+            if tree.startswith("single") and "packed" in recipe:
+                continue  # one leaf: nothing to pack
+            rows.append(measure(tree, recipe, args.quick, reps))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "numpy": np.__version__}
+        Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.out + ".md").write_text(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
