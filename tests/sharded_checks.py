@@ -60,6 +60,8 @@ SHARD_MAP_CHECKS = (
     "adagc",
     "guard_nonfinite",
     "guard_spike",
+    "clip_spikes_per_tensor",
+    "adagc_per_tensor",
 )
 PMAP_CHECKS = ("clip_by_global_norm", "guard_nonfinite")
 
@@ -570,6 +572,18 @@ def _shard_map_checks():
             ),
             spiky,
             figures("guard/skipped", "guard/norm_mean"),
+        ),
+        # Each shard holds a slice of every leaf: the per-tensor figures in the state
+        # (compared by check) are the whole leaf's, as on one device.
+        "shard_map/clip_spikes_per_tensor": lambda: check(
+            lambda ax: adaptx.clip_spikes(axis_name=ax, per_tensor=True),
+            spiky,
+            figures("clip_spikes/grad_norm", "clip_spikes/top_tensor"),
+        ),
+        "shard_map/adagc_per_tensor": lambda: check(
+            lambda ax: adaptx.adagc(lambda_abs=4.0, warmup_steps=3, axis_name=ax, per_tensor=True),
+            spiky,
+            figures("adagc/grad_norm", "adagc/num_clipped"),
         ),
     }
 

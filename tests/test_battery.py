@@ -69,6 +69,13 @@ CASES |= {
     "robust_adamw": (adaptx.robust_adamw, {"learning_rate": 1e-2}),
     "dynamic_loss_scale": (adaptx.dynamic_loss_scale, {"init_scale": 8.0}),
     "guard": (lambda: adaptx.guard(adaptx.adamw(1e-2)), {}),
+    # Per-tensor telemetry: one figure per leaf, with its path, in the state.
+    "robust_adamw_per_tensor": (
+        functools.partial(adaptx.robust_adamw, per_tensor=True),
+        {"learning_rate": 1e-2},
+    ),
+    "adagc_per_tensor": (functools.partial(adaptx.adagc, per_tensor=True), {"beta": 0.9}),
+    "zclip_per_tensor": (functools.partial(adaptx.zclip, per_tensor=True), {"alpha": 0.9}),
 }
 
 

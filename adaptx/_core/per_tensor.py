@@ -44,6 +44,19 @@ class TensorFigures:
     def replace(self, values: Any) -> TensorFigures:
         return TensorFigures(values, self.paths)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorFigures):
+            return NotImplemented
+        a, b = self.values, other.values
+        same = a is b or (
+            np.array_equal(np.asarray(a), np.asarray(b))
+            if hasattr(a, "shape") and hasattr(b, "shape")
+            else a == b
+        )
+        return self.paths == other.paths and bool(same)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value, like the arrays it holds
+
     def __repr__(self) -> str:
         return f"TensorFigures({len(self.paths)} leaves)"
 

@@ -43,6 +43,7 @@ def stable_adamw(
     update_rms_clip: float = 1.0,
     mask: Mask = None,
     pack_small_leaves: int | None = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""StableAdamW: AdamW with per-tensor update clipping instead of gradient clipping.
 
@@ -68,6 +69,8 @@ def stable_adamw(
       mask: which parameters are decayed (tree of booleans or a function of params).
       pack_small_leaves: keep the moments of leaves with at most this many elements
         in flat buffers; see :func:`adaptx.scale_by_adam`.
+      per_tensor: keep each tensor's update RMS ratio, for
+        ``adaptx.telemetry(state, per_tensor=True)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -89,7 +92,12 @@ def stable_adamw(
     validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
     return optax.chain(
         scale_by_adam(
-            b1, b2, eps, update_rms_clip=update_rms_clip, pack_small_leaves=pack_small_leaves
+            b1,
+            b2,
+            eps,
+            update_rms_clip=update_rms_clip,
+            pack_small_leaves=pack_small_leaves,
+            per_tensor=per_tensor,
         ),
         *_decay_and_step(fn, learning_rate, weight_decay, mask),
     )
@@ -195,6 +203,7 @@ def robust_adamw(
     max_consecutive_skips: int | None = None,
     mask: Mask = None,
     pack_small_leaves: int | None = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW with defenses that act only when something is wrong.
 
@@ -261,6 +270,9 @@ def robust_adamw(
       mask: which parameters are decayed.
       pack_small_leaves: keep the moments of leaves with at most this many elements
         in flat buffers; see :func:`adaptx.scale_by_adam`.
+      per_tensor: keep each leaf's gradient norm (detector and guard) and update RMS
+        ratio, and the leaf that led each intervention, for
+        ``adaptx.telemetry(state, per_tensor=True)``; no extra pass over memory.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -299,9 +311,15 @@ def robust_adamw(
             max_ratio=clip_max_ratio,
             initial_max_norm=initial_max_norm,
             max_norm=max_norm,
+            per_tensor=per_tensor,
         ),
         scale_by_adam(
-            b1, b2, eps, update_rms_clip=update_rms_clip, pack_small_leaves=pack_small_leaves
+            b1,
+            b2,
+            eps,
+            update_rms_clip=update_rms_clip,
+            pack_small_leaves=pack_small_leaves,
+            per_tensor=per_tensor and update_rms_clip is not None,
         ),
         *_decay_and_step(fn, learning_rate, weight_decay, mask),
     )
@@ -311,4 +329,5 @@ def robust_adamw(
         spike_z=spike_z,
         loss_z=loss_z,
         max_consecutive_skips=max_consecutive_skips,
+        per_tensor=per_tensor,
     )

@@ -1,0 +1,149 @@
+"""Per-tensor telemetry: which leaf blew up, kept in the state at no extra pass over memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import adaptx
+
+
+def params():
+    return {
+        "encoder": {"layers_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}},
+        "head": {"kernel": jnp.ones((3, 2))},
+    }
+
+
+def grads(step, spike_in=None, factor=1e4):
+    g = jax.tree.map(lambda p: 0.01 * (1 + 0.1 * np.sin(step)) * jnp.ones_like(p), params())
+    if spike_in is not None:
+        g["encoder"]["layers_0"][spike_in] = g["encoder"]["layers_0"][spike_in] * factor
+    return g
+
+
+TRANSFORMS = {
+    "clip_spikes": lambda: adaptx.clip_spikes(per_tensor=True),
+    "zclip": lambda: adaptx.zclip(per_tensor=True),
+    "autoclip": lambda: adaptx.autoclip(per_tensor=True),
+    "adagc": lambda: adaptx.adagc(warmup_steps=5, per_tensor=True),
+    "guard": lambda: adaptx.guard(adaptx.adamw(1e-3), spike_z=6.0, per_tensor=True),
+}
+
+PATHS = ["encoder/layers_0/bias", "encoder/layers_0/kernel", "head/kernel"]
+
+
+def run(tx, steps=40, spike_at=35, spike_in="kernel"):
+    state = tx.init(params())
+    update = jax.jit(tx.update)
+    for t in range(steps):
+        g = grads(t, spike_in if t == spike_at else None)
+        _, state = update(g, state, params())
+    return state, g
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_each_leaf_norm_is_reported_under_its_path(name):
+    state, g = run(TRANSFORMS[name](), steps=36)
+    figures = adaptx.telemetry(state, per_tensor=True)
+    for path in PATHS:
+        leaf = g
+        for part in path.split("/"):
+            leaf = leaf[part]
+        got = figures[f"{name}/tensor_grad_norm/{path}"]
+        np.testing.assert_allclose(got, np.linalg.norm(np.asarray(leaf)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip_spikes", "zclip", "guard", "adagc"])
+def test_the_leaf_that_led_the_intervention_is_named(name):
+    state, _ = run(TRANSFORMS[name](), spike_in="kernel")
+    figures = adaptx.telemetry(state, per_tensor=True)
+    keys = [k for k in figures if "/tensor_grad_norm/" in k]
+    assert keys[int(figures[f"{name}/top_tensor"])].endswith("encoder/layers_0/kernel")
+
+
+def test_without_per_tensor_the_telemetry_is_unchanged():
+    plain, _ = run(adaptx.robust_adamw(1e-3))
+    with_figures, _ = run(adaptx.robust_adamw(1e-3, per_tensor=True))
+    a, b = adaptx.telemetry(plain), adaptx.telemetry(with_figures)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    assert adaptx.telemetry(plain, per_tensor=True).keys() == adaptx.telemetry(plain).keys()
+    assert not any("tensor" in k for k in adaptx.telemetry(with_figures))
+
+
+def test_the_recipe_reports_norms_update_rms_and_leaders():
+    state, _ = run(adaptx.robust_adamw(1e-3, per_tensor=True))
+    figures = adaptx.telemetry(state, per_tensor=True)
+    for prefix in ("clip_spikes/tensor_grad_norm", "guard/tensor_grad_norm"):
+        assert [k for k in figures if k.startswith(prefix)] == [f"{prefix}/{p}" for p in PATHS]
+    assert {f"scale_by_adam/tensor_update_rms/{p}" for p in PATHS} <= figures.keys()
+    assert int(figures["clip_spikes/top_tensor"]) == PATHS.index("encoder/layers_0/kernel")
+
+
+def test_a_nonfinite_leaf_leads_the_guards_skip():
+    tx = adaptx.guard(adaptx.adamw(1e-3), per_tensor=True)
+    state = tx.init(params())
+    g = grads(0)
+    g["head"]["kernel"] = g["head"]["kernel"].at[0, 0].set(jnp.nan)
+    _, state = jax.jit(tx.update)(g, state, params())
+    figures = adaptx.telemetry(state, per_tensor=True)
+    assert int(figures["guard/last_reason"]) == 1
+    assert int(figures["guard/top_tensor"]) == PATHS.index("head/kernel")
+
+
+def test_update_rms_per_tensor_packed_matches_unpacked():
+    def figures(pack):
+        tx = adaptx.scale_by_adam(update_rms_clip=1.0, per_tensor=True, pack_small_leaves=pack)
+        state, _ = run(tx)
+        return adaptx.telemetry(state, per_tensor=True)
+
+    plain, packed = figures(None), figures(16)
+    assert plain.keys() == packed.keys()
+    for k in plain:
+        np.testing.assert_allclose(plain[k], packed[k], rtol=1e-5)
+
+
+def test_update_rms_figures_need_update_clipping():
+    with pytest.raises(ValueError, match="per_tensor=True keeps each tensor's update RMS"):
+        adaptx.scale_by_adam(per_tensor=True)
+
+
+class Model(nnx.Module):
+    def __init__(self, rngs):
+        self.encoder = nnx.Linear(4, 3, rngs=rngs)
+        self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jax.nn.relu(self.encoder(x)))
+
+
+def test_works_in_an_nnx_optimizer_inside_and_outside_jit():
+    model = Model(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, adaptx.robust_adamw(1e-3, per_tensor=True), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        opt.update(model, g)
+        return adaptx.telemetry(opt, per_tensor=True)
+
+    inside = step(model, opt, jnp.ones((8, 4)))
+    outside = adaptx.telemetry(opt, per_tensor=True)
+    assert "clip_spikes/tensor_grad_norm/encoder/kernel" in inside
+    assert "guard/tensor_grad_norm/head/bias" in outside
+    for k in inside:
+        np.testing.assert_allclose(inside[k], outside[k])
+
+
+@pytest.mark.perf
+def test_no_extra_pass_over_memory():
+    # The per-leaf norms are the global norm's own partial sums: the compiled step
+    # touches full-size arrays exactly as often with the figures as without.
+    from bench.stability.probes import full_size_passes
+
+    plain = full_size_passes(adaptx.robust_adamw(1e-3), n=1 << 20)
+    figures = full_size_passes(adaptx.robust_adamw(1e-3, per_tensor=True), n=1 << 20)
+    assert figures == plain
