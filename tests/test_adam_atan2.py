@@ -140,3 +140,17 @@ def test_recipe_is_atan2_then_decay_then_learning_rate():
 def test_bad_hyperparameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         adaptx.scale_by_adam_atan2(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"learning_rate": -1.0}, "`learning_rate` must be"),
+        ({"learning_rate": 1e-3, "weight_decay": -0.1}, "`weight_decay` must be"),
+        ({"learning_rate": 1e-3, "a": -1.0}, "`a` must be > 0"),
+        ({"learning_rate": 1e-3, "max_norm": None, "per_tensor": True}, "per_tensor=True"),
+    ],
+)
+def test_the_recipes_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        adaptx.adam_atan2(**kwargs)

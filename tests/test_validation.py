@@ -77,6 +77,8 @@ EXTRA_COVERED = (
     "stable_adamw",
     "spam",
     "robust_adamw",
+    "scale_by_adam_atan2",
+    "adam_atan2",
 )
 
 

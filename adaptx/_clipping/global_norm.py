@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptx._core import hints as hints_lib
+from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
 
 
-@reports("clip_by_global_norm", "grad_norm", "scale")
+@reports("clip_by_global_norm", "grad_norm", "scale", per_tensor=("tensor_grad_norm", "top_tensor"))
 class ClipByGlobalNormState(NamedTuple):
     """State of :func:`clip_by_global_norm`.
 
@@ -22,10 +22,16 @@ class ClipByGlobalNormState(NamedTuple):
       grad_norm: global L2 norm of the incoming gradients at the last step, before
         clipping (float32 scalar).
       scale: factor the gradients were multiplied by at the last step, in [0, 1].
+      tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
+        step (``TensorFigures``, float32); ``None`` otherwise.
+      top_tensor: with ``per_tensor``, the leaf with the largest norm at the last
+        clipped step (int32 index into ``tensor_grad_norm``; -1 before any).
     """
 
     grad_norm: jax.Array
     scale: jax.Array
+    tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
+    top_tensor: jax.Array | None = None
 
 
 def clip_scale(norm: jax.Array, max_norm: Any) -> jax.Array:
@@ -41,7 +47,7 @@ def clip_scale(norm: jax.Array, max_norm: Any) -> jax.Array:
 
 
 def clip_by_global_norm(
-    max_norm: float | jax.Array, *, axis_name: Any = None
+    max_norm: float | jax.Array, *, axis_name: Any = None, per_tensor: bool = False
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales the whole gradient tree so that its global L2 norm is at most ``max_norm``.
 
@@ -67,6 +73,9 @@ def clip_by_global_norm(
       axis_name: under ``shard_map``/``pmap``, the mapped axis (or axes) the tree
         is sharded over; the squared norm is summed across it, so every shard clips
         by the true global norm rather than its local one.
+      per_tensor: also keep each leaf's gradient norm and the leaf that led the last
+        clip, for ``adaptx.telemetry(state, per_tensor=True)`` (no extra pass over
+        memory: the global norm is their sum).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -89,23 +98,27 @@ def clip_by_global_norm(
     validate.check_nonnegative("clip_by_global_norm", "max_norm", max_norm)
 
     def init_fn(params):
-        del params
         one = jnp.ones([], jnp.float32)
-        return ClipByGlobalNormState(grad_norm=jnp.zeros([], jnp.float32), scale=one)
+        return ClipByGlobalNormState(
+            grad_norm=jnp.zeros([], jnp.float32),
+            scale=one,
+            **per_tensor_lib.initial(params, per_tensor),
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        hints = hints_lib.from_extra_args(extra_args)
         tu.check_float_leaves("clip_by_global_norm", updates, allow_complex=True)
-        norm = tu.global_norm(updates, axis_name)
+        norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
         # max_norm = 0 zeroes every gradient, even one whose squares underflow float32
         # (|g| below about 1e-19) and whose computed norm is therefore 0.
         s = jnp.where(tu.as_scalar(max_norm, norm.dtype) > 0, clip_scale(norm, max_norm), 0.0)
         if state is None or isinstance(state, optax.EmptyState):  # optax's stateless form
-            return tu.scale(updates, s, hints), state
+            return tu.scale(updates, s, announce=True), state
         new_state = ClipByGlobalNormState(
-            grad_norm=norm.astype(state.grad_norm.dtype), scale=s.astype(state.scale.dtype)
+            grad_norm=norm.astype(state.grad_norm.dtype),
+            scale=s.astype(state.scale.dtype),
+            **per_tensor_lib.updated(state, leaf_norms, s < 1),
         )
-        return tu.scale(updates, s, hints), new_state
+        return tu.scale(updates, s, announce=True), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

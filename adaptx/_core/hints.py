@@ -68,12 +68,6 @@ def lookup(x: Any) -> tuple[jax.Array, jax.Array] | None:
     return _SCALED.get(x) if _enabled else None
 
 
-def from_extra_args(extra_args: dict) -> bool:
-    """Former entry point (hints once travelled in ``extra_args``); now always ``True``."""
-    del extra_args
-    return True
-
-
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Within this block nothing is recorded or found: programs traced here do without."""

@@ -27,6 +27,7 @@ def adamw(
     max_norm: float | None = 1.0,
     nu_dtype: Any = None,
     pack_small_leaves: int | None = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW (decoupled weight decay) behind global-norm gradient clipping.
 
@@ -61,6 +62,8 @@ def adamw(
       pack_small_leaves: keep the moments of leaves with at most this many elements
         in flat buffers (e.g. ``65536``): the same numbers, a much faster compile and
         step on trees of many small leaves. See :func:`adaptx.scale_by_adam`.
+      per_tensor: keep the clip's per-leaf gradient norms and the leaf that led the
+        last clip, for ``adaptx.telemetry(state, per_tensor=True)`` (needs ``max_norm``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -100,7 +103,7 @@ def adamw(
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
     return optax.chain(
-        optional_clip(max_norm),
+        optional_clip(max_norm, per_tensor, "adamw"),
         scale_by_adam(
             b1,
             b2,
@@ -130,6 +133,7 @@ def adam_atan2(
     nu_dtype: Any = None,
     nesterov: bool = False,
     pack_small_leaves: int | None = None,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam-atan2 with decoupled weight decay (Everett et al. 2024).
 
@@ -159,6 +163,8 @@ def adam_atan2(
       nesterov: use NAdam's Nesterov momentum.
       pack_small_leaves: keep the moments of leaves with at most this many elements
         in flat buffers; see :func:`adaptx.scale_by_adam`.
+      per_tensor: keep the clip's per-leaf gradient norms and the leaf that led the
+        last clip, for ``adaptx.telemetry(state, per_tensor=True)`` (needs ``max_norm``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -186,7 +192,7 @@ def adam_atan2(
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
     return optax.chain(
-        optional_clip(max_norm),
+        optional_clip(max_norm, per_tensor, "adam_atan2"),
         scale_by_adam_atan2(
             b1,
             b2,

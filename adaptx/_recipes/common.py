@@ -16,9 +16,23 @@ def check_learning_rate(fn: str, learning_rate: Any) -> None:
         validate.check_nonnegative(fn, "learning_rate", learning_rate, example="1e-3")
 
 
-def optional_clip(max_norm: Any) -> optax.GradientTransformation:
-    """``clip_by_global_norm(max_norm)``, or the identity when ``max_norm is None``."""
-    return optax.identity() if max_norm is None else clip_by_global_norm(max_norm)
+def optional_clip(
+    max_norm: Any, per_tensor: bool = False, fn: str = "adamw"
+) -> optax.GradientTransformation:
+    """``clip_by_global_norm(max_norm)``, or the identity when ``max_norm is None``.
+
+    ``per_tensor`` keeps the clip's per-leaf norms; without a clip nothing computes
+    them, so ``per_tensor`` then asks for one.
+    """
+    if max_norm is None:
+        if per_tensor:
+            raise ValueError(
+                f"{fn}: per_tensor=True keeps the global-norm clip's per-leaf norms, but "
+                "max_norm=None turns the clip off. Pass a max_norm (e.g. max_norm=1.0), or "
+                "wrap the optimizer in adaptx.guard(tx, per_tensor=True)."
+            )
+        return optax.identity()
+    return clip_by_global_norm(max_norm, per_tensor=per_tensor)
 
 
 def add_decayed_weights(fn: str, weight_decay: Any, mask: Any) -> optax.GradientTransformation:

@@ -18,6 +18,7 @@ def sgd(
     accumulator_dtype: Any = None,
     *,
     max_norm: float | None = 1.0,
+    per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with heavy-ball momentum behind global-norm gradient clipping.
 
@@ -40,6 +41,8 @@ def sgd(
         parameter's dtype); unused without momentum.
       max_norm: global-norm bound :math:`c` (adaptx's default 1.0; optax has no
         clip); ``None`` disables clipping.
+      per_tensor: keep the clip's per-leaf gradient norms and the leaf that led the
+        last clip, for ``adaptx.telemetry(state, per_tensor=True)`` (needs ``max_norm``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -67,7 +70,7 @@ def sgd(
         isinstance(momentum, int | float) and momentum == 0
     )
     return optax.chain(
-        optional_clip(max_norm),
+        optional_clip(max_norm, per_tensor, "sgd"),
         momentum_tx(momentum, nesterov=nesterov, dtype=accumulator_dtype)
         if use_momentum
         else optax.identity(),

@@ -64,6 +64,11 @@ class ScaleByAdamState(NamedTuple):
 #: Former name of :class:`ScaleByAdamState` with the defense figures; the same class.
 ScaleByAdamGuardedState = ScaleByAdamState
 
+_NO_COMPLEX_FORM = (
+    "SPAM's spike clip and momentum reset (spike_threshold, reset_interval) and "
+    "StableAdamW's update clipping (update_rms_clip) have no complex form"
+)
+
 
 def scale_by_adam(
     b1: float | jax.Array = 0.9,
@@ -291,13 +296,7 @@ def scale_by_adam(
         pack_small_leaves=pack_small_leaves,
         make_state=make_state,
     )
-    if not defended:
-        return tx
-    why = (
-        "SPAM's spike clip and momentum reset (spike_threshold, reset_interval) and "
-        "StableAdamW's update clipping (update_rms_clip) have no complex form"
-    )
-    return tu.refuse_complex(tx, fn, why)
+    return tu.refuse_complex(tx, fn, _NO_COMPLEX_FORM) if defended else tx
 
 
 def adam_method(

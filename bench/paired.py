@@ -1,20 +1,27 @@
-"""Are the scale hints worth keeping? One paired run, hints on against off, on the four trees.
+"""Two builds of one recipe, paired in one run on the four trees: what does a change cost?
 
-A clip announces that its output is ``s * g`` (``adaptx._core.hints``) so that a packed
-Adam concatenates ``g`` and an update-RMS reduction reads ``g``, instead of a scaled
-copy. This script compiles each recipe with the hints and without them
-(``adaptx._core.hints.disabled``) and compares, per tree, in one run:
+Two questions are asked this way:
+
+- ``hints``: are the scale hints worth keeping? A clip announces that its output is
+  ``s * g`` (``adaptx._core.hints``) so that a packed Adam concatenates ``g`` and an
+  update-RMS reduction reads ``g``, instead of a scaled copy. Each recipe is compiled
+  with the hints (A) and without them (B, ``adaptx._core.hints.disabled``).
+- ``per-tensor``: what do the per-tensor figures cost? Each recipe is built without
+  (A) and with ``per_tensor=True`` (B).
+
+For each tree and recipe it reports:
 
 - step time of the jitted, donated step (``update`` + ``apply_updates``), interleaved
-  rounds, as the ratio off / on: median, min and max;
+  rounds, as the ratio B / A: median, min and max;
 - full-size passes (kernels of the optimized HLO reading or writing a full-size array,
   ``bench/hlo_report.py``), summed bytes in units of one float32 pass over the tree;
 - peak temporary memory of the compiled step (``memory_analysis``);
 - compile time.
 
-    python -m bench.hints                     # the four trees, ~10 min on 2 CPU cores
-    python -m bench.hints --quick             # tiny trees, seconds
-    python -m bench.hints --out bench/measured/hints
+    python -m bench.paired hints                  # the four trees, ~10 min on 2 CPU cores
+    python -m bench.paired per-tensor --trees transformer,many_small
+    python -m bench.paired hints --quick          # tiny trees, seconds
+    python -m bench.paired hints --out bench/measured/hints
 """
 
 from __future__ import annotations
@@ -39,10 +46,18 @@ from bench.update_step import make_numpy_tree, tree_shapes
 TREES = ("single16", "single64", "transformer", "many_small")
 
 RECIPES = {
-    "robust_adamw": lambda: adaptx.robust_adamw(1e-3),
-    "robust_adamw packed": lambda: adaptx.robust_adamw(1e-3, pack_small_leaves=65536),
-    "adamw packed": lambda: adaptx.adamw(1e-3, pack_small_leaves=65536),
+    "robust_adamw": lambda **kw: adaptx.robust_adamw(1e-3, **kw),
+    "robust_adamw packed": lambda **kw: adaptx.robust_adamw(1e-3, pack_small_leaves=65536, **kw),
+    "adamw packed": lambda **kw: adaptx.adamw(1e-3, pack_small_leaves=65536, **kw),
 }
+
+
+def build(question: str, recipe: str, label: str):
+    """(transform, context to compile it in) for variant ``label`` ("A" or "B")."""
+    if question == "per-tensor":
+        kw = {"per_tensor": True} if label == "B" else {}
+        return RECIPES[recipe](**kw), contextlib.nullcontext()
+    return RECIPES[recipe](), hints_lib.disabled() if label == "B" else contextlib.nullcontext()
 
 
 def compiled_step(tx, params, grads):
@@ -66,15 +81,15 @@ def passes(hlo: str, params) -> float:
     return sum(r["in_bytes"] + r["out_bytes"] for r in rows) / tree_bytes
 
 
-def measure(tree: str, recipe: str, quick: bool, reps: int) -> dict:
+def measure(question: str, tree: str, recipe: str, quick: bool, reps: int) -> dict:
     shapes = tree_shapes(tree, quick)
     np_params = make_numpy_tree(shapes, 0, 1.0)
     grads = jax.tree.map(jnp.asarray, make_numpy_tree(shapes, 1, 1e-3))
     cells = {}
-    for label in ("on", "off"):
-        tx = RECIPES[recipe]()
+    for label in ("A", "B"):
+        tx, context = build(question, recipe, label)
         params = jax.tree.map(jnp.asarray, np_params)
-        with hints_lib.disabled() if label == "off" else contextlib.nullcontext():
+        with context:
             compiled, state, seconds = compiled_step(tx, params, grads)
         mem = compiled.memory_analysis()
         cells[label] = {
@@ -84,18 +99,18 @@ def measure(tree: str, recipe: str, quick: bool, reps: int) -> dict:
             "passes": passes(compiled.as_text(), np_params),
             "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
         }
-    times = {"on": [], "off": []}
+    times = {"A": [], "B": []}
     for r in range(reps + 2):  # two warm-up rounds, then interleaved timed rounds
-        for label in ("on", "off") if r % 2 == 0 else ("off", "on"):
+        for label in ("A", "B") if r % 2 == 0 else ("B", "A"):
             c = cells[label]
             t = time.perf_counter()
             c["carry"] = list(c["compiled"](*c["carry"], grads))
             jax.block_until_ready(c["carry"])
             if r >= 2:
                 times[label].append(time.perf_counter() - t)
-    ratios = [off / on for on, off in zip(times["on"], times["off"], strict=True)]
-    out = {"tree": tree, "recipe": recipe}
-    for label in ("on", "off"):
+    ratios = [b / a for a, b in zip(times["A"], times["B"], strict=True)]
+    out = {"question": question, "tree": tree, "recipe": recipe}
+    for label in ("A", "B"):
         c = cells[label]
         out[label] = {
             "step_ms": 1e3 * statistics.median(times[label]),
@@ -103,7 +118,7 @@ def measure(tree: str, recipe: str, quick: bool, reps: int) -> dict:
             "temp_mb": c["temp_mb"],
             "compile_s": round(c["compile_s"], 2),
         }
-    out["ratio_off_over_on"] = {
+    out["ratio_b_over_a"] = {
         "median": statistics.median(ratios),
         "min": min(ratios),
         "max": max(ratios),
@@ -111,14 +126,19 @@ def measure(tree: str, recipe: str, quick: bool, reps: int) -> dict:
     return out
 
 
+LABELS = {"hints": ("on", "off"), "per-tensor": ("off", "on")}
+
+
 def markdown(rows: list[dict]) -> str:
+    a, b = LABELS[rows[0]["question"]]
     head = (
-        "| tree | recipe | step on (ms) | off / on: median (min-max) | passes on / off "
-        "| temp MB on / off | compile s on / off |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+        f"| tree | recipe | step {a} (ms) | {b} / {a}: median (min-max) | passes {a} / {b} "
+        f"| temp MB {a} / {b} | compile s {a} / {b} |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     for r in rows:
-        on, off, q = r["on"], r["off"], r["ratio_off_over_on"]
+        on, off, q = r["A"], r["B"], r["ratio_b_over_a"]
         mem = "n/a" if on["temp_mb"] is None else f"{on['temp_mb']:.1f} / {off['temp_mb']:.1f}"
         lines.append(
             f"| {r['tree']} | {r['recipe']} | {on['step_ms']:.2f} | {q['median']:.3f} "
@@ -130,6 +150,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("question", choices=sorted(LABELS), help="what to compare")
     p.add_argument("--trees", default=",".join(TREES), help="comma-separated trees")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 15; quick 3)")
@@ -142,7 +163,7 @@ def main(argv=None) -> list[dict]:
         for recipe in args.recipes.split(","):
             if tree.startswith("single") and "packed" in recipe:
                 continue  # one leaf: nothing to pack
-            rows.append(measure(tree, recipe, args.quick, reps))
+            rows.append(measure(args.question, tree, recipe, args.quick, reps))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     print(table)
