@@ -468,8 +468,20 @@ NO_COMPLEX_FORM = {
     "spam": (lambda: adaptx.spam(1e-3), ["scale_by_adam", "SPAM"]),
     "stable_adamw": (lambda: adaptx.stable_adamw(1e-3), ["scale_by_adam", "update_rms_clip"]),
     "robust_adamw": (lambda: adaptx.robust_adamw(1e-3), ["scale_by_adam", "update_rms_clip"]),
-    "adagc": (lambda: adaptx.adagc(), ["adagc"]),
 }
+
+
+def test_adagc_clips_a_complex_tensor_by_the_norm_of_its_moduli():
+    # Each tensor's norm is sqrt(sum |z|^2): a complex tensor is clipped like the real
+    # tensor of its moduli, and the clip factor (real) keeps every element's phase.
+    tx = adaptx.adagc(warmup_steps=0, lambda_rel=1.05)
+    z = jnp.array([3 + 4j, 0 - 5j], jnp.complex64)
+    state = tx.init({"w": z})
+    _, state = tx.update({"w": z}, state)
+    u, state = tx.update({"w": 10 * z}, state)
+    np.testing.assert_allclose(float(state.grad_norm), 10 * np.sqrt(50.0), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.asarray(u["w"])), 1.05 * np.array([5.0, 5.0]), rtol=1e-5)
+    np.testing.assert_allclose(np.angle(np.asarray(u["w"])), np.angle(np.asarray(z)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(NO_COMPLEX_FORM))

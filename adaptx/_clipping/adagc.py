@@ -179,7 +179,7 @@ def adagc(
 
         f32 = jnp.float32
         acc = tu.compute_dtype(*(x.dtype for x in leaves))
-        sq = jnp.stack([jnp.sum(jnp.square(x.astype(acc))) for x in leaves])
+        sq = jnp.stack([jnp.sum(tu.abs_sq(x.astype(acc))) for x in leaves])
         if axis_name is not None:
             sq = jax.lax.psum(sq, axis_name)
         global_norm = jnp.sqrt(jnp.sum(sq))

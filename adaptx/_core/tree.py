@@ -77,7 +77,7 @@ def _path_str(path: tuple) -> str:
 #: check names the public transform (``scale_by_adam``; its SPAM and update-clipping
 #: options refuse complex leaves in its factory); the others read only the global norm.
 COMPLEX_FORMS = frozenset(
-    {"scale_by_adam", "clip_spikes", "zclip", "autoclip", "guard", "dynamic_loss_scale"}
+    {"scale_by_adam", "clip_spikes", "zclip", "autoclip", "guard", "dynamic_loss_scale", "adagc"}
 )
 
 
