@@ -3,6 +3,7 @@
 python -m bench.stability.probes update-rms   # how often update clipping acts, by threshold
 python -m bench.stability.probes decay        # LR-independent weight decay on the LM, seed 0
 python -m bench.stability.probes passes       # full-size passes of robust_adamw and its chain
+python -m bench.stability.probes spike-response  # the step at a 1e4x spike, and the recovery after
 """
 
 from __future__ import annotations
@@ -102,7 +103,89 @@ def passes() -> None:
         print(f"{name}: {full_size_passes(tx):.0f} full-size passes")
 
 
-PROBES = {"update-rms": update_rms, "decay": decay, "passes": passes}
+def _replay_steps(tx, norms: np.ndarray, dim: int = 256, seed: int = 0) -> np.ndarray:
+    """Norm of each step's update when gradients of the recorded ``norms`` (random
+    directions, one per step) are fed through ``tx`` (learning rate inside ``tx``)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    dirs = np.random.default_rng(seed).standard_normal((len(norms), dim)).astype(np.float32)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    grads = jnp.asarray(dirs * norms[:, None].astype(np.float32))
+    params = jnp.zeros(dim)
+
+    def body(carry, g):
+        p, s = carry
+        u, s = tx.update(g, s, p, value=jnp.float32(1.0))
+        return (optax.apply_updates(p, u), s), jnp.linalg.norm(u)
+
+    _, sizes = jax.jit(lambda g: jax.lax.scan(body, (params, tx.init(params)), g))(grads)
+    return np.asarray(sizes)
+
+
+def spike_response() -> None:
+    """How big is the step at a 1e4x gradient spike, and how long are steps suppressed after?
+
+    On the 9 healthy recorded runs (``traces.npz``), gradients of the recorded norms in
+    random directions go through each optimizer (learning rate 1e-3, no weight decay),
+    with and without 1e4x spikes at the benchmark's fault steps. Reported, worst over runs
+    and spikes: the step at the spike over the run's median step, and the steps after it
+    until the step is back to half the fault-free run's step (Adam's second moment
+    remembers the spike for about 1 / (1 - b2) steps, shrinking every step meanwhile).
+    """
+    import optax
+
+    import adaptx
+    from bench.stability import faults
+    from bench.stability.run import HERE, load_traces
+
+    traces, meta = load_traces(HERE / "traces", quick=False)
+    optimizers = {
+        "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=0.0),
+        "optax clip(1) + adamw": lambda: optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.0)
+        ),
+        "adaptx.adam_atan2": lambda: adaptx.adam_atan2(1e-3, weight_decay=0.0),
+        "adaptx.stable_adamw": lambda: adaptx.stable_adamw(1e-3, weight_decay=0.0),
+        "adaptx.robust_adamw": lambda: adaptx.robust_adamw(1e-3, weight_decay=0.0),
+    }
+    print("| optimizer | step at the spike / median step | steps until recovered |")
+    print("| --- | --- | --- |")
+    for name, make in optimizers.items():
+        worst_ratio, worst_recovery = 0.0, 0
+        for i, (run, t) in enumerate(traces.items()):
+            if not meta[run]["healthy"]:
+                continue
+            norms = t["grad_norm"].astype(np.float64)
+            at = faults.fault_steps(len(norms), seed=i)
+            spiked = norms.copy()
+            spiked[at] *= 1e4
+            clean, hit = _replay_steps(make(), norms), _replay_steps(make(), spiked)
+            typical = np.median(clean)
+            for s in at:
+                worst_ratio = max(worst_ratio, hit[s] / typical)
+                after = (
+                    hit[s + 1 : s + 1 + faults.AFTERSHOCK]
+                    / clean[s + 1 : s + 1 + faults.AFTERSHOCK]
+                )
+                low = np.nonzero(after < 0.5)[0]
+                recovered = (
+                    faults.AFTERSHOCK
+                    if len(low) == len(after)
+                    else (low.max() + 1 if len(low) else 0)
+                )
+                worst_recovery = max(worst_recovery, int(recovered))
+        rec = f"≥ {worst_recovery}" if worst_recovery >= faults.AFTERSHOCK else str(worst_recovery)
+        print(f"| {name} | {worst_ratio:.2f} | {rec} |", flush=True)
+
+
+PROBES = {
+    "update-rms": update_rms,
+    "decay": decay,
+    "passes": passes,
+    "spike-response": spike_response,
+}
 
 
 def main(argv=None) -> None:
