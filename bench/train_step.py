@@ -6,8 +6,10 @@ recipe and its nearest optax equivalent:
 
 * ``adamw``: ``adaptx.adamw(lr, weight_decay, max_norm=1, mask)`` vs
   ``optax.chain(optax.clip_by_global_norm(1), optax.adamw(lr, weight_decay, mask=mask))``;
-* ``robust_adamw`` (when adaptx has it): ``adaptx.robust_adamw(lr, weight_decay, mask)``
+* ``robust_adamw``: ``adaptx.robust_adamw(lr, weight_decay, mask)``
   vs ``optax.apply_if_finite(<the optax adamw chain>, 10)``;
+* ``adam_atan2``: ``adaptx.adam_atan2(lr, weight_decay, mask, max_norm=1)`` vs the
+  optax adamw chain above;
 * ``sgd``: ``adaptx.sgd(lr, 0.9, max_norm=1)`` vs
   ``optax.chain(optax.clip_by_global_norm(1), optax.sgd(lr, 0.9))``;
 * ``grad-only``: forward + backward with no update, the floor under every recipe.
@@ -21,7 +23,7 @@ median [min-max] step time, the paired per-round ratio to the optax variant of t
 recipe, and compile time (trace + lowering + XLA compile) measured apart.
 
 >>> sorted(RECIPES)
-['adamw', 'grad-only', 'robust_adamw', 'sgd']
+['adam_atan2', 'adamw', 'grad-only', 'robust_adamw', 'sgd']
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import adaptx
 
 HERE = Path(__file__).resolve().parent
 MODEL_PATH = HERE.parent / "examples" / "text_classifier" / "model.py"
-RECIPES = ("adamw", "robust_adamw", "sgd", "grad-only")
+RECIPES = ("adamw", "robust_adamw", "adam_atan2", "sgd", "grad-only")
 LR, WD, MAX_NORM = 2e-3, 1e-4, 1.0
 
 
@@ -171,6 +173,11 @@ def optimizers(recipe: str) -> dict[str, optax.GradientTransformation | None]:
             "optax": optax.apply_if_finite(optax_adamw(), 10),
             "adaptx": adaptx.robust_adamw(lr, weight_decay=WD, mask=decay_mask),
         }
+    if recipe == "adam_atan2":
+        return {
+            "optax": optax_adamw(),
+            "adaptx": adaptx.adam_atan2(lr, weight_decay=WD, mask=decay_mask, max_norm=MAX_NORM),
+        }
     if recipe == "sgd":
         return {
             "optax": optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.sgd(lr, 0.9)),
@@ -279,7 +286,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--recipes",
-        default="adamw,robust_adamw,sgd,grad-only",
+        default=",".join(RECIPES),
         help=f"comma-separated subset of {','.join(RECIPES)}",
     )
     p.add_argument(
@@ -329,7 +336,6 @@ def main(argv=None) -> dict:
     for r in recipes:
         if r not in RECIPES:
             raise SystemExit(f"unknown recipe {r!r}; choose from {','.join(RECIPES)}")
-    recipes = [r for r in recipes if r != "robust_adamw" or hasattr(adaptx, "robust_adamw")]
     batch = synthetic_batch(args)
     meta = {
         "script": "bench/train_step.py",

@@ -91,7 +91,9 @@ def unguarded_chain():
 
 
 def passes() -> None:
-    """Full-size passes of robust_adamw, its chain, and adaptx.adamw with and without clip."""
+    """Full-size passes of the Adam recipes, robust_adamw's chain, and a user's own chain."""
+    import optax
+
     import adaptx
 
     for name, tx in {
@@ -99,8 +101,14 @@ def passes() -> None:
         "adaptx.robust_adamw": adaptx.robust_adamw(1e-3),
         "adaptx.adamw, no clip": adaptx.adamw(1e-3, max_norm=None),
         "adaptx.adamw (global-norm clip)": adaptx.adamw(1e-3),
+        "adaptx.stable_adamw": adaptx.stable_adamw(1e-3),
+        "adaptx.spam": adaptx.spam(1e-3),
+        "adaptx.guard(adaptx.adamw)": adaptx.guard(adaptx.adamw(1e-3)),
+        "a user's chain(zclip, scale_by_adam(update_rms_clip=1), scale)": optax.chain(
+            adaptx.zclip(), adaptx.scale_by_adam(update_rms_clip=1.0), optax.scale(-1e-3)
+        ),
     }.items():
-        print(f"{name}: {full_size_passes(tx):.0f} full-size passes")
+        print(f"{name}: {full_size_passes(tx):.2f} full-size passes")
 
 
 def _replay_steps(tx, norms: np.ndarray, dim: int = 256, seed: int = 0) -> np.ndarray:
