@@ -31,20 +31,12 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-try:  # run as a script, or with this folder already on the path (the tests)
-    import data as data_lib
-except ModuleNotFoundError as e:  # imported by file path, e.g. pytest's doctest collection
-    if e.name != "data":
-        raise
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import data as data_lib
+import data as data_lib
 import jax
 import jax.numpy as jnp
 import numpy as np

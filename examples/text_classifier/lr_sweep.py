@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -234,3 +235,36 @@ def write(result: dict, out: Path) -> Path:
     stem.with_suffix(".md").write_text(text + "\n")
     plot(result, stem.with_suffix(".png"))
     return stem
+
+
+def run(args) -> dict:
+    """``compare.py --lr-sweep``: the sweep its arguments ask for, printed and written."""
+    seeds = [int(x) for x in args.seeds.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS[args.model]
+    # --only: names given in full select exactly that optimizer, others match as substrings.
+    keys = args.only.split(",") if args.only else []
+    names = [
+        n
+        for n in OPTIMIZERS
+        if not keys or n in keys or any(k in n for k in keys if k not in OPTIMIZERS)
+    ]
+    if args.model == "lm":
+        import lm as lm_lib
+
+        base = lm_lib.LMConfig(**({"steps": args.steps} if args.steps else {}))
+        data = lm_lib.load_text(base)
+    else:
+        import train as train_lib
+        from scenarios import SCENARIOS
+
+        # One padded length (one compilation per optimizer and learning rate).
+        base = train_lib.Config(
+            **{**SCENARIOS[args.model]["config"], "buckets": 1}, progress=False, out=args.out
+        )
+        data = train_lib.load_data(base)
+    t0 = time.perf_counter()
+    print(f"lr sweep {args.model}: lrs {lrs}, seeds {seeds}, optimizers {names}", flush=True)
+    result = sweep(args.model, lrs, seeds, names, base, data)
+    stem = write(result, Path(args.out))
+    print(f"\n{table(result)}\n({time.perf_counter() - t0:.0f}s) wrote {stem}.json/.md/.png")
+    return result

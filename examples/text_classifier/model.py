@@ -8,7 +8,8 @@ Encoders:
     ``recurrent_scale``; with a scale above 1 it is the classic exploding-gradient setup
     used by ``compare.py --model rnn``.
 
-Usage (see ``train.py`` for training and ``train.load_checkpoint`` for a trained one)::
+Usage (see ``train.py`` for training and ``checkpoints.load_checkpoint`` for a trained
+one; :func:`build_model` makes the one a ``config.Config`` describes)::
 
     model = TextClassifier(vocab_size, num_classes=2, rngs=nnx.Rngs(0))
     logits = model(token_ids, deterministic=True)  # [batch, num_classes]
@@ -16,9 +17,15 @@ Usage (see ``train.py`` for training and ``train.load_checkpoint`` for a trained
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+if TYPE_CHECKING:  # (annotations only: this file imports nothing of the example's)
+    from config import Config
+    from data import Encoder
 
 ENCODERS = ("lstm", "transformer", "rnn")
 
@@ -224,7 +231,7 @@ class BagOfEmbeddings(nnx.Module):
     """Mean of the known words' (+ bigrams') embeddings, then a linear layer.
 
     Fast enough to fit on 25,000 IMDB reviews in seconds; its embedding tables have the same
-    shapes as :class:`TextClassifier`'s, so they can initialise it (``train.pretrain``).
+    shapes as :class:`TextClassifier`'s, so they can initialise it (``pretrain.pretrain``).
     """
 
     def __init__(
@@ -253,3 +260,28 @@ class BagOfEmbeddings(nnx.Module):
         if self.bigram_embed is not None:
             x = x + self.bigram_embed(tokens[:, 1])
         return self.out((x * known).sum(1) / jnp.maximum(known.sum(1), 1.0))
+
+
+def bigram_vocab_size(encoder: Encoder) -> int:
+    """Entries of ``encoder``'s bigram vocabulary; 0 when it has none."""
+    return len(encoder.bigram_vocab) if encoder.bigram_vocab is not None else 0
+
+
+def build_model(config: Config, encoder: Encoder, num_classes: int) -> TextClassifier:
+    """The :class:`TextClassifier` that ``config`` describes, for ``encoder``'s vocabularies."""
+    return TextClassifier(
+        len(encoder.vocab),
+        num_classes,
+        encoder=config.encoder,
+        embed_dim=config.embed_dim,
+        hidden_dim=config.hidden_dim,
+        max_len=config.max_len,
+        layers=config.layers,
+        embed_dropout=config.embed_dropout,
+        dropout=config.dropout,
+        word_dropout=config.word_dropout,
+        embed_init_std=config.embed_init_std,
+        recurrent_scale=config.recurrent_scale,
+        bigram_vocab_size=bigram_vocab_size(encoder),
+        rngs=nnx.Rngs(config.seed),
+    )

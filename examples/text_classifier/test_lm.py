@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import jax
+import lm
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import lm  # noqa: E402
 
 TINY = lm.LMConfig(
     d_model=32,

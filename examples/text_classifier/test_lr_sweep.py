@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
+import compare
+import lm
+import lr_sweep
 import pytest
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import compare  # noqa: E402
-import lm  # noqa: E402
-import lr_sweep  # noqa: E402
 
 
 def test_sensitivity_is_mean_capped_loss_minus_best():

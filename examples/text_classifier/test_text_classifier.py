@@ -5,6 +5,7 @@ Run just these with ``pytest examples/text_classifier``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,15 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoints
+import compare
+import config as config_lib
+import data
 import numpy as np
 import pytest
+import train
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import compare  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
+HERE = Path(__file__).resolve().parent  # (on sys.path: conftest.py)
 
 WORDS_POS = "great wonderful moving brilliant superb funny charming".split()
 WORDS_NEG = "dull boring awful tedious bland mess lifeless".split()
@@ -218,10 +219,10 @@ def test_tiny_training_learns_and_writes_its_outputs(tiny_run):
 
 def test_checkpoint_round_trip(tiny_run):
     config, ds, result = tiny_run
-    model, encoder, info = train.load_checkpoint(config.run_dir)
+    model, encoder, info = checkpoints.load_checkpoint(config.run_dir)
     assert info["config"] == config and info["class_names"] == ["negative", "positive"]
-    before = train.predict(result["model"], ds.encoder, TEXTS)
-    after = train.predict(model, encoder, TEXTS)
+    before = checkpoints.predict(result["model"], ds.encoder, TEXTS)
+    after = checkpoints.predict(model, encoder, TEXTS)
     np.testing.assert_allclose(before, after, rtol=1e-6)
     assert after[0].argmax() == 1 and after[1].argmax() == 0
 
@@ -235,7 +236,8 @@ def test_injected_nan_is_skipped_by_a_guarded_optimizer(tmp_path):
         dataset=tiny_dataset(),
         max_steps=12,
         tx=optax.apply_if_finite(optax.adam(1e-2), 3),
-        grad_scale=lambda s: faults.get(s, 1.0),
+        step_fn=compare.faulty_step(),  # compare.py's step: the gradients times the fault
+        step_inputs=compare.fault_inputs(faults),
         early_stopping=False,
         validate=False,
         write_files=False,
@@ -292,7 +294,7 @@ def test_compare_summary_flags_divergence_and_spikes():
 DP_SCRIPT = """
 import json, sys
 sys.path.insert(0, {here!r})
-import jax, train, test_text_classifier as t
+import jax, checkpoints, train, test_text_classifier as t
 assert jax.local_device_count() == 2, jax.devices()
 ds = t.tiny_dataset()
 r = train.train(t.tiny_config({tmp!r}), dataset=ds, max_steps=6,
@@ -300,7 +302,7 @@ r = train.train(t.tiny_config({tmp!r}), dataset=ds, max_steps=6,
 print(json.dumps({{"devices": r["devices"], "loss": [row["loss"] for row in r["history"]],
                   "grad_norm": [row["grad_norm"] for row in r["history"]],
                   "test_loss": r["test_loss"],
-                  "predict": train.predict(r["model"], ds.encoder, t.TEXTS).tolist()}}))
+                  "predict": checkpoints.predict(r["model"], ds.encoder, t.TEXTS).tolist()}}))
 """
 
 
@@ -413,17 +415,29 @@ def test_two_processes_match_two_devices(two_device_run, tmp_path):
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rows] == list(range(6))
     # Both processes saved the checkpoint together; it holds the two-device run's weights.
-    model, encoder, info = train.load_checkpoint(run_dir)
+    model, encoder, info = checkpoints.load_checkpoint(run_dir)
     assert info["config"].distributed and info["config"].num_processes == 2
-    np.testing.assert_allclose(train.predict(model, encoder, TEXTS), ref["predict"], rtol=1e-5)
+    np.testing.assert_allclose(
+        checkpoints.predict(model, encoder, TEXTS), ref["predict"], rtol=1e-5
+    )
+
+
+def tiny_csv(tmp_path) -> Path:
+    csv_path = tmp_path / "tiny.csv"
+    rows = [f'"{e.text}",{e.label}' for e in synthetic_examples(120)]
+    csv_path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return csv_path
+
+
+# compare.py's --set for a tiny model (on a user CSV: --set data=...)
+TINY_SET = ["embed_dim=16", "hidden_dim=16", "max_len=16", "batch_size=16", "bigrams=0"]
+TINY_SET += ["min_count=1", "buckets=1"]
 
 
 def test_compare_mode_end_to_end(tmp_path, monkeypatch):
     # compare.py on a tiny model and a user CSV: 20 steps, more than the scenario's 3 epochs
     # of 6 steps, with a NaN gradient at 40 % of them, which guard skips.
-    csv_path = tmp_path / "tiny.csv"
-    rows = [f'"{e.text}",{e.label}' for e in synthetic_examples(120)]
-    csv_path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    csv_path = tiny_csv(tmp_path)
     steps_run = []
     real_train = train.train
 
@@ -435,8 +449,7 @@ def test_compare_mode_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(compare.train_lib, "train", counting_train)
     out = compare.main(
         ["--inject-nan", "--steps", "20", "--only", "adaptx guard", "--out", str(tmp_path)]
-        + ["--set", f"data={csv_path}", "embed_dim=16", "hidden_dim=16", "max_len=16"]
-        + ["batch_size=16", "bigrams=0", "min_count=1", "buckets=1"]
+        + ["--set", f"data={csv_path}", *TINY_SET]
     )
     assert steps_run == [20]
     (guarded,) = out["adaptx guard(adamw)"]
@@ -444,3 +457,120 @@ def test_compare_mode_end_to_end(tmp_path, monkeypatch):
     assert guarded["outcome"] != "diverged"
     assert (tmp_path / "compare-lstm-nan.png").stat().st_size > 0
     assert "adaptx guard(adamw)" in (tmp_path / "compare-lstm-nan.txt").read_text()
+    # Each run's log is written for python -m adaptx.report.
+    run = tmp_path / "compare-lstm-nan" / "adaptx_guard_adamw-seed0"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 20
+
+
+# ----------------------------------------------------------------------------- per tensor
+
+
+def test_every_flag_has_help_text(capsys):
+    fields = dataclasses.fields(config_lib.Config)
+    assert all(f.metadata.get("help") for f in fields), [f.name for f in fields]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    # ArgumentDefaultsHelpFormatter adds "(default: ...)" to every flag that has help text.
+    assert capsys.readouterr().out.count("(default:") == len(fields)
+
+
+def test_per_tensor_flag_writes_each_tensors_norm(tmp_path):
+    ds = tiny_dataset()
+    config = train.parse_args(["--per-tensor"], defaults=tiny_config(tmp_path, plot=False))
+    assert config.per_tensor and not tiny_config(tmp_path).per_tensor
+    train.train(config, dataset=ds, max_steps=4, validate=False, log=lambda *_: None)
+    rows = [
+        json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    # One group of "<transform>/tensor_grad_norm/<param path>" keys, one key per parameter.
+    groups: dict[str, dict[str, str]] = {}
+    for key in rows[0]:
+        prefix, sep, path = key.partition("/tensor_grad_norm/")
+        if sep:
+            groups.setdefault(prefix, {})[path] = key
+    assert groups, sorted(rows[0])
+    paths = compare.param_paths(config, ds)
+    assert "encoder/w_rec" in paths
+    for prefix, keys in groups.items():
+        assert sorted(keys) == sorted(paths)
+        assert f"{prefix}/top_tensor" in rows[0]
+        for r in rows:  # the tensors' norms make up the global norm of the step's gradient
+            total = math.sqrt(sum(r[k] ** 2 for k in keys.values()))
+            np.testing.assert_allclose(total, r["grad_norm"], rtol=1e-4)
+
+
+def test_inject_scales_only_the_named_layer(tmp_path):
+    from flax import nnx
+    from model import build_model
+
+    ds = tiny_dataset()
+    model = build_model(tiny_config(tmp_path), ds.encoder, ds.num_classes)
+    grads = nnx.state(model, nnx.Param)
+    out = compare.inject(grads, np.float32(1e4), "encoder/w_rec")
+    flat = jax_flat(grads)
+    scaled = jax_flat(out)
+    assert set(flat) == set(compare.param_paths(tiny_config(tmp_path), ds))
+    for path, g in flat.items():
+        factor = 1e4 if path == "encoder/w_rec" else 1.0
+        np.testing.assert_array_equal(scaled[path], np.asarray(g) * np.float32(factor))
+
+
+def test_faulty_step_spikes_only_the_named_layer(tmp_path):
+    import optax
+
+    import adaptx
+
+    # The same run twice, with and without a spike at step 5 in one layer: until then the
+    # runs are identical, and at step 5 only that layer's gradient differs (x 1e4).
+    layer, config, ds = "encoder/w_rec", tiny_config(tmp_path), tiny_dataset()
+    tx = adaptx.guard(optax.adam(1e-2), per_tensor=True)  # (skips non-finite steps only)
+    norms = []
+    for faults in ({}, {5: 1e4}):
+        result = train.train(
+            config,
+            dataset=ds,
+            tx=tx,
+            max_steps=6,
+            step_fn=compare.faulty_step(layer, per_tensor=True),
+            step_inputs=compare.fault_inputs(faults),
+            validate=False,
+            write_files=False,
+            log=lambda *_: None,
+        )
+        row = result["history"][5]
+        norms.append({k.split("/tensor_grad_norm/")[1]: row[k] for k in row if "/tensor_" in k})
+    clean, spiked = norms
+    assert set(clean) == set(compare.param_paths(config, ds))
+    for path, norm in clean.items():
+        factor = 1e4 if path == layer else 1.0
+        np.testing.assert_allclose(spiked[path], factor * norm, rtol=1e-5, err_msg=path)
+
+
+def jax_flat(tree) -> dict:
+    import jax
+
+    return {
+        compare.param_path(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def test_compare_inject_layer_is_named_by_the_stability_report(tmp_path):
+    from adaptx import report
+
+    layer = "encoder/w_rec"
+    rows = compare.main(
+        ["--inject-spikes", "--inject-layer", layer, "--per-tensor", "--steps", "30"]
+        + ["--only", "adaptx.robust_adamw", "--out", str(tmp_path)]
+        + ["--set", f"data={tiny_csv(tmp_path)}", *TINY_SET]
+    )
+    assert list(rows) == ["adaptx.robust_adamw"]
+    run = tmp_path / "compare-lstm-spikes-encoder.w_rec" / "adaptx.robust_adamw-seed0"
+    records = report.read_metrics(run)
+    spikes = sorted(compare.fault_schedule(30, True, False, 1e4))  # steps 9, 15, 21
+    events = {e.step: e for e in report.summarize(records)}
+    assert set(spikes) <= set(events), events
+    for s in spikes:
+        assert events[s].kind == "spike" and events[s].tensor == layer, events[s]
+        assert events[s].share > 0.99
+    assert f"in {layer}" in report.format_summary(records)
