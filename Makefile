@@ -39,3 +39,15 @@ docs: .venv
 	.venv/bin/pip install -q -e ".[docs]"
 	.venv/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 	.venv/bin/sphinx-build -W -b doctest docs docs/_build/doctest
+
+.PHONY: types floors
+
+# Type check (mypy comes with the test extra; settings in pyproject.toml's [tool.mypy]).
+types:
+	$(PY) -m mypy adaptx
+
+# The fast subset on the oldest supported releases (.ci/min-constraints.txt), in .venv-min.
+floors:
+	python3 -m venv .venv-min
+	.venv-min/bin/pip install -q -c .ci/min-constraints.txt -e ".[test-min]"
+	.venv-min/bin/python -m pytest -n 2 -p no:cacheprovider -q tests/test_battery.py tests/test_matches_optax.py tests/test_optax_compat.py
