@@ -445,7 +445,10 @@ def test_norm_readers_see_a_complex_parameter_as_its_two_real_parts(name):
             np.testing.assert_allclose(x, u_r[k], rtol=1e-5, atol=1e-6, err_msg=f"{k} step {t}")
         tel_c, tel_r = adaptx.telemetry(s_c), adaptx.telemetry(s_r)
         for k in tel_c:
-            np.testing.assert_allclose(tel_c[k], tel_r[k], rtol=1e-5, err_msg=k)
+            # a z-score divides by a variance that may still be ~0: a large number whose
+            # last digits depend on the order of additions
+            rtol = 1e-3 if k.endswith("/z") else 1e-5
+            np.testing.assert_allclose(tel_c[k], tel_r[k], rtol=rtol, err_msg=k)
 
 
 # id -> (transform with no complex form, patterns its error must contain besides "complex")
