@@ -52,9 +52,9 @@ class AdaGCState(NamedTuple):
 
 
 def adagc(
-    beta: float | jax.Array = 0.98,
-    lambda_rel: float | jax.Array = 1.05,
-    lambda_abs: float | jax.Array = 1.0,
+    beta: jax.typing.ArrayLike = 0.98,
+    lambda_rel: jax.typing.ArrayLike = 1.05,
+    lambda_abs: jax.typing.ArrayLike = 1.0,
     warmup_steps: int = 100,
     *,
     axis_name: Any = None,

@@ -37,8 +37,8 @@ def _unit_norm(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
 
 
 def adaptive_grad_clip(
-    clipping: float | jax.Array,
-    eps: float | jax.Array = 1e-3,
+    clipping: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike = 1e-3,
     axis: int | tuple[int, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Unit-wise adaptive gradient clipping (AGC), Brock et al. 2021.

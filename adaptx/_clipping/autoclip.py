@@ -69,7 +69,7 @@ def _percentile(norms: jax.Array, filled: jax.Array, q: Any) -> jax.Array:
 
 
 def autoclip(
-    percentile: float | jax.Array = 10.0,
+    percentile: jax.typing.ArrayLike = 10.0,
     history: int = 1000,
     *,
     axis_name: Any = None,

@@ -61,13 +61,13 @@ class ClipSpikesState(NamedTuple):
 
 
 def clip_spikes(
-    z_thresh: float | jax.Array = 6.0,
-    min_ratio: float | jax.Array = 4.0,
-    alpha: float | jax.Array = 0.95,
+    z_thresh: jax.typing.ArrayLike = 6.0,
+    min_ratio: jax.typing.ArrayLike = 4.0,
+    alpha: jax.typing.ArrayLike = 0.95,
     *,
-    max_ratio: float | jax.Array = 10.0,
-    initial_max_norm: float | jax.Array | None = None,
-    max_norm: float | jax.Array | None = None,
+    max_ratio: jax.typing.ArrayLike = 10.0,
+    initial_max_norm: jax.typing.ArrayLike | None = None,
+    max_norm: jax.typing.ArrayLike | None = None,
     axis_name: Any = None,
     per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:

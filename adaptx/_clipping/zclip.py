@@ -85,14 +85,14 @@ class ZClipState(NamedTuple):
 
 
 def zclip(
-    alpha: float | jax.Array = 0.97,
-    z_thresh: float | jax.Array = 2.5,
+    alpha: jax.typing.ArrayLike = 0.97,
+    z_thresh: jax.typing.ArrayLike = 2.5,
     warmup_steps: int = 25,
     *,
-    max_norm: float | jax.Array | None = None,
+    max_norm: jax.typing.ArrayLike | None = None,
     mode: str = "zscore",
     clip_option: str = "adaptive_scaling",
-    clip_factor: float | jax.Array = 1.0,
+    clip_factor: jax.typing.ArrayLike = 1.0,
     skip_update_on_spike: bool = False,
     zero_on_spike: bool = False,
     axis_name: Any = None,

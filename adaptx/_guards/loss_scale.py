@@ -32,10 +32,10 @@ class DynamicLossScaleState(NamedTuple):
 
 
 def dynamic_loss_scale(
-    init_scale: float = 2.0**15,
+    init_scale: jax.typing.ArrayLike = 2.0**15,
     period: int = 2000,
-    factor: float = 2.0,
-    min_scale: float = 1.0,
+    factor: jax.typing.ArrayLike = 2.0,
+    min_scale: jax.typing.ArrayLike = 1.0,
     *,
     inner: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:

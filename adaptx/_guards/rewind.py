@@ -43,11 +43,11 @@ class RewindState(NamedTuple):
 def rewind(
     inner: optax.GradientTransformation,
     *,
-    loss_factor: float = 2.0,
-    backoff: float = 0.5,
+    loss_factor: jax.typing.ArrayLike = 2.0,
+    backoff: jax.typing.ArrayLike = 0.5,
     snapshot_every: int = 50,
     warmup: int = 20,
-    alpha: float = 0.98,
+    alpha: jax.typing.ArrayLike = 0.98,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps an optimizer so that a diverging loss sends the run back to its last good state.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +26,11 @@ class EmaState(NamedTuple):
 
 
 def ema(
-    decay: float | jax.Array,
+    decay: jax.typing.ArrayLike,
     debias: bool = True,
-    accumulator_dtype: Any = None,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
     *,
-    dtype: Any = None,
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Exponential moving average of the updates, optionally bias-corrected.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 from adaptx._core import validate
@@ -15,17 +16,17 @@ from adaptx._scaling.adam_atan2 import scale_by_adam_atan2
 
 def adamw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: jax.typing.DTypeLike | None = None,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     nesterov: bool = False,
-    max_norm: float | None = 1.0,
-    nu_dtype: Any = None,
+    max_norm: jax.typing.ArrayLike | None = 1.0,
+    nu_dtype: jax.typing.DTypeLike | None = None,
     pack_small_leaves: int | None = None,
     per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -121,16 +122,16 @@ def adamw(
 
 def adam_atan2(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    weight_decay: float = 1e-4,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.99,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
-    a: float = 1.27,
-    b: float = 1.0,
-    max_norm: float | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
+    a: jax.typing.ArrayLike = 1.27,
+    b: jax.typing.ArrayLike = 1.0,
+    max_norm: jax.typing.ArrayLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
     nesterov: bool = False,
     pack_small_leaves: int | None = None,
     per_tensor: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 from adaptx._clipping.spike_clip import clip_spikes
@@ -27,7 +28,9 @@ def _decay_and_step(
     ]
 
 
-def _check_adam(fn: str, b1: float, b2: float, eps: float) -> None:
+def _check_adam(
+    fn: str, b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, eps: jax.typing.ArrayLike
+) -> None:
     validate.check_decay(fn, "b1", b1)
     validate.check_decay(fn, "b2", b2, example="0.999")
     validate.check_nonnegative(fn, "eps", eps, example="1e-8")
@@ -35,12 +38,12 @@ def _check_adam(fn: str, b1: float, b2: float, eps: float) -> None:
 
 def stable_adamw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.2,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.2,
     *,
-    update_rms_clip: float = 1.0,
+    update_rms_clip: jax.typing.ArrayLike = 1.0,
     mask: Mask = None,
     pack_small_leaves: int | None = None,
     per_tensor: bool = False,
@@ -105,12 +108,12 @@ def stable_adamw(
 
 def spam(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
-    spike_threshold: float = 5000.0,
+    spike_threshold: jax.typing.ArrayLike = 5000.0,
     reset_interval: int | None = 500,
     reset_warmup: int = 150,
     spike_start: int = 20,
@@ -185,21 +188,21 @@ def spam(
 
 def robust_adamw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     *,
-    clip_z: float = 6.0,
-    clip_ratio: float = 4.0,
-    clip_alpha: float = 0.95,
-    clip_max_ratio: float = 10.0,
-    initial_max_norm: float | None = 1.0,
-    max_norm: float | None = None,
-    update_rms_clip: float | None = 5.0,
+    clip_z: jax.typing.ArrayLike = 6.0,
+    clip_ratio: jax.typing.ArrayLike = 4.0,
+    clip_alpha: jax.typing.ArrayLike = 0.95,
+    clip_max_ratio: jax.typing.ArrayLike = 10.0,
+    initial_max_norm: jax.typing.ArrayLike | None = 1.0,
+    max_norm: jax.typing.ArrayLike | None = None,
+    update_rms_clip: jax.typing.ArrayLike | None = 5.0,
     skip_nonfinite: bool = True,
-    spike_z: float | None = None,
-    loss_z: float | None = None,
+    spike_z: jax.typing.ArrayLike | None = None,
+    loss_z: jax.typing.ArrayLike | None = None,
     max_consecutive_skips: int | None = None,
     mask: Mask = None,
     pack_small_leaves: int | None = None,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import jax
 import optax
 
 from adaptx._core import validate
@@ -13,11 +12,11 @@ from adaptx._recipes.common import check_learning_rate, optional_clip
 
 def sgd(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: float | None = 0.9,
+    momentum: jax.typing.ArrayLike | None = 0.9,
     nesterov: bool = False,
-    accumulator_dtype: Any = None,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
     *,
-    max_norm: float | None = 1.0,
+    max_norm: jax.typing.ArrayLike | None = 1.0,
     per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with heavy-ball momentum behind global-norm gradient clipping.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,10 @@ class ScaleByAdagradState(NamedTuple):
 
 
 def scale_by_adagrad(
-    initial_accumulator_value: float | jax.Array = 0.1,
-    eps: float | jax.Array = 1e-7,
+    initial_accumulator_value: jax.typing.ArrayLike = 0.1,
+    eps: jax.typing.ArrayLike = 1e-7,
     *,
-    dtype: Any = None,
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the root of the sum of all past squared gradients (AdaGrad).
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,19 +71,19 @@ _NO_COMPLEX_FORM = (
 
 
 def scale_by_adam(
-    b1: float | jax.Array = 0.9,
-    b2: float | jax.Array = 0.999,
-    eps: float | jax.Array = 1e-8,
-    eps_root: float | jax.Array = 0.0,
-    mu_dtype: Any = None,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: jax.typing.DTypeLike | None = None,
     *,
-    nu_dtype: Any = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
     nesterov: bool = False,
-    spike_threshold: float | jax.Array | None = None,
+    spike_threshold: jax.typing.ArrayLike | None = None,
     reset_interval: int | None = None,
     reset_warmup: int = 150,
     spike_start: int = 20,
-    update_rms_clip: float | jax.Array | None = None,
+    update_rms_clip: jax.typing.ArrayLike | None = None,
     pack_small_leaves: int | None = None,
     per_tensor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -301,8 +301,8 @@ def scale_by_adam(
 
 def adam_method(
     fn: str,
-    eps: float | jax.Array,
-    eps_root: float | jax.Array,
+    eps: jax.typing.ArrayLike,
+    eps_root: jax.typing.ArrayLike,
     *,
     nesterov: bool = False,
     moments=engine.ema_moments,

@@ -2,7 +2,7 @@ r"""Adam-atan2: Adam's step read off the moments with ``atan2``, with no epsilon
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +31,13 @@ class ScaleByAdamAtan2State(NamedTuple):
 
 
 def scale_by_adam_atan2(
-    b1: float | jax.Array = 0.9,
-    b2: float | jax.Array = 0.99,
-    a: float | jax.Array = 1.27,
-    b: float | jax.Array = 1.0,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.99,
+    a: jax.typing.ArrayLike = 1.27,
+    b: jax.typing.ArrayLike = 1.0,
     *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
     nesterov: bool = False,
     pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:

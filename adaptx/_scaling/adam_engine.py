@@ -354,8 +354,8 @@ def transformation(
     b1: Any,
     b2: Any,
     *,
-    mu_dtype: Any,
-    nu_dtype: Any,
+    mu_dtype: jax.typing.DTypeLike | None,
+    nu_dtype: jax.typing.DTypeLike | None,
     pack_small_leaves: int | None,
     make_state: Callable[[Moments, Step | None, Any], Any],
 ) -> optax.GradientTransformationExtraArgs:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,13 @@ class ScaleByRmsState(NamedTuple):
 
 
 def scale_by_rms(
-    decay: float | jax.Array = 0.9,
-    eps: float | jax.Array = 1e-8,
-    initial_scale: float | jax.Array = 0.0,
+    decay: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_scale: jax.typing.ArrayLike = 0.0,
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
     *,
-    nu_dtype: Any = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the root of a running mean of squared gradients (RMSProp).
 

@@ -15,7 +15,7 @@ from adaptx._core import tree as tu
 
 
 def scalars(
-    spike_threshold: float | jax.Array | None,
+    spike_threshold: jax.typing.ArrayLike | None,
     reset_interval: int | None,
     warmup: int,
     spike_start: int,

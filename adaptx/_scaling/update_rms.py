@@ -15,7 +15,7 @@ from adaptx._core import tree as tu
 from adaptx._scaling.adam_engine import Reduction
 
 
-def reduction(d: float | jax.Array, eps: float | jax.Array) -> Reduction:
+def reduction(d: jax.typing.ArrayLike, eps: jax.typing.ArrayLike) -> Reduction:
     """The update-RMS reduction with clip level ``d`` and denominator floor ``eps``.
 
     :math:`\\mathrm{mean}(g^2/\\max(\\hat v, \\epsilon^2))` with :math:`\\hat v = v/b_2`
