@@ -86,20 +86,18 @@ def zeros(tree: Any) -> TensorFigures:
     return TensorFigures(jnp.zeros([len(names)], jnp.float32), names)
 
 
-#: Small leaves of one size are reduced in stacks of at most this many rows (a fusion
-#: of thousands of operands compiles slowly too).
-_ROWS = 256
-
-
 def leaf_sums_of_squares(tree: Any, axis_name: Any = None) -> jax.Array:
     """Each leaf's sum of squares (|z|^2 for complex), float32 or wider, as one vector.
 
     As in ``adaptx._core.tree.sum_of_squares``, a tree of many small leaves does not get
     one reduction kernel per leaf (on thousands of leaves, XLA's compile time grows with
-    the kernel count): small leaves of equal size are stacked and reduced along their
-    rows (stacks of at most ``_ROWS``), one reduction per stack, and one gather puts the
-    sums back in tree order. Reduced across ``axis_name`` with one collective when
-    given, so under ``shard_map`` the figures are the global ones, not a shard's.
+    the kernel count). The small leaves are concatenated exactly as that function does
+    (so XLA computes the concatenation once for both, and once for a packed Adam's flat
+    buffer of the same leaves), and each run of consecutive equal-size leaves is read
+    back as rows and reduced along them: on a tree of equal small leaves, one reduction
+    that XLA fuses with the concatenation, so nothing more is written. Reduced
+    across ``axis_name`` with one collective when given, so under ``shard_map`` the
+    figures are the global ones, not a shard's.
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -107,34 +105,41 @@ def leaf_sums_of_squares(tree: Any, axis_name: Any = None) -> jax.Array:
     acc = tu.compute_dtype(*(x.dtype for x in leaves))
     real = tu.real_dtype(acc)
 
-    def dtype_of(xs):
-        return acc if any(jnp.iscomplexobj(x) for x in xs) else real
+    def sq(x):
+        return jnp.sum(tu.abs_sq(x.astype(acc if jnp.iscomplexobj(x) else real)))
 
     small = [i for i, x in enumerate(leaves) if x.size <= tu.SMALL_LEAF]
     if len(small) < tu.MANY_SMALL_LEAVES:
-        out = jnp.stack([jnp.sum(tu.abs_sq(x.astype(dtype_of([x])))) for x in leaves])
+        out = jnp.stack([sq(x) for x in leaves])
     else:
-        by_size: dict[int, list[int]] = {}
-        for i in small:
-            by_size.setdefault(leaves[i].size, []).append(i)
-        order, parts = [], []
-        for i, x in enumerate(leaves):
-            if x.size > tu.SMALL_LEAF:
-                order.append(i)
-                parts.append(jnp.sum(tu.abs_sq(x.astype(dtype_of([x]))))[None])
-        for same_size in by_size.values():
-            for k in range(0, len(same_size), _ROWS):
-                group = same_size[k : k + _ROWS]
-                xs = [leaves[i] for i in group]
-                rows = jnp.stack([jnp.ravel(x).astype(dtype_of(xs)) for x in xs])
-                order.extend(group)
-                parts.append(jnp.sum(tu.abs_sq(rows), axis=1))
+        flat_dt = acc if any(jnp.iscomplexobj(leaves[i]) for i in small) else real
+        flat = tu.abs_sq(jnp.concatenate([jnp.ravel(leaves[i]).astype(flat_dt) for i in small]))
+        order = [i for i, x in enumerate(leaves) if x.size > tu.SMALL_LEAF]
+        parts = [jnp.stack([sq(leaves[i]) for i in order])] if order else []
+        start = 0
+        for run in _runs([leaves[i].size for i in small]):
+            size = leaves[small[run[0]]].size
+            rows = flat[start : start + len(run) * size].reshape(len(run), size)
+            parts.append(jnp.sum(rows, axis=1))
+            order.extend(small[k] for k in run)
+            start += len(run) * size
         where = np.empty(len(leaves), np.int32)
         where[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
         out = jnp.concatenate([p.astype(real) for p in parts])[jnp.asarray(where)]
     if axis_name is not None:
         out = jax.lax.psum(out, axis_name)
     return out
+
+
+def _runs(sizes: list[int]) -> list[list[int]]:
+    """Positions of consecutive equal sizes, one list per run."""
+    runs: list[list[int]] = []
+    for k, size in enumerate(sizes):
+        if runs and sizes[runs[-1][0]] == size:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
 
 
 def global_norm(tree: Any, axis_name: Any, per_tensor: bool) -> tuple[jax.Array, Any]:
