@@ -338,8 +338,10 @@ def _finish(
     zero_i, zero_f = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32)
     changed = sum((o.changed for o in outs), zero_i)
     red = ctx.method.reduction
-    if red is None or not stats:
+    if red is None:
         return Step(u, moments, changed, zero_i, zero_f)
+    if not stats:  # an empty tree: no tensor, no statistic
+        return Step(u, moments, changed, zero_i, zero_f, jnp.zeros([0], jnp.float32))
     # a packed buffer gives a vector, one statistic per tensor
     exceeded = sum((jnp.sum(red.exceeded(ctx.k, s), dtype=jnp.int32) for s in stats), zero_i)
     max_stat = jnp.max(jnp.stack([jnp.max(s) for s in stats]))
