@@ -164,3 +164,60 @@ def test_no_extra_pass_on_a_tree_of_many_small_leaves():
         return passes(compiled.as_text(), jax.tree.map(np.asarray, tree))
 
     assert bytes_moved(per_tensor=True) == pytest.approx(bytes_moved(), abs=0.2)
+
+
+def _records(tx, grads_at, params_, steps=40):
+    """What a training loop would log: one dict of floats per step, per-tensor keys included."""
+    state = tx.init(params_)
+    update = jax.jit(tx.update)
+    out = []
+    for t in range(steps):
+        g = grads_at(t)
+        _, state = update(g, state, params_)
+        figures = adaptx.telemetry(state, per_tensor=True)
+        norm = float(np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g))))
+        out.append(
+            {"step": t, "loss": 1.0, "grad_norm": norm} | {k: float(v) for k, v in figures.items()}
+        )
+    return out, figures
+
+
+def test_a_spike_in_one_nested_leaf_is_attributed_to_it_by_telemetry_and_report():
+    from adaptx import report
+
+    records, figures = _records(
+        adaptx.robust_adamw(1e-3, per_tensor=True),
+        lambda t: grads(t, "kernel" if t == 35 else None),
+        params(),
+    )
+    keys = [k for k in figures if k.startswith("clip_spikes/tensor_grad_norm/")]
+    assert keys[int(figures["clip_spikes/top_tensor"])].endswith("encoder/layers_0/kernel")
+    events = [e for e in report.summarize(records) if e.step == 35]
+    assert events and events[0].tensor == "encoder/layers_0/kernel"
+    assert events[0].share > 0.99
+
+
+def test_a_spike_in_one_layer_of_an_nnx_model_is_attributed_to_it():
+    from adaptx import report
+
+    model = Model(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, adaptx.robust_adamw(1e-3, per_tensor=True), wrt=nnx.Param)
+    x = jnp.ones((8, 4))
+    records = []
+    for t in range(40):
+        g = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        if t == 35:
+            g = jax.tree_util.tree_map_with_path(_spike_head_kernel, g)
+        opt.update(model, g)
+        figures = adaptx.telemetry(opt, per_tensor=True)
+        records.append({"step": t, "loss": 1.0} | {k: float(v) for k, v in figures.items()})
+    keys = [k for k in figures if k.startswith("clip_spikes/tensor_grad_norm/")]
+    assert (
+        keys[int(figures["clip_spikes/top_tensor"])] == "clip_spikes/tensor_grad_norm/head/kernel"
+    )
+    events = [e for e in report.summarize(records) if e.step == 35]
+    assert events and events[0].tensor == "head/kernel"
+
+
+def _spike_head_kernel(path, v):
+    return v * 1e4 if "'head'" in str(path) and "kernel" in str(path) else v
