@@ -9,7 +9,7 @@ import jax
 import optax
 
 from adaptx._core import validate
-from adaptx._recipes.common import add_decayed_weights, check_learning_rate, optional_clip
+from adaptx._recipes.common import check_learning_rate, decay_and_step, optional_clip
 from adaptx._scaling.adam import scale_by_adam
 from adaptx._scaling.adam_atan2 import scale_by_adam_atan2
 
@@ -100,7 +100,6 @@ def adamw(
     validate.check_decay(fn, "b2", b2, example="0.999")
     validate.check_nonnegative(fn, "eps", eps, example="1e-8")
     validate.check_nonnegative(fn, "eps_root", eps_root, example="0.0")
-    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
     return optax.chain(
@@ -115,8 +114,7 @@ def adamw(
             nesterov=nesterov,
             pack_small_leaves=pack_small_leaves,
         ),
-        add_decayed_weights(fn, weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        *decay_and_step(fn, learning_rate, weight_decay, mask),
     )
 
 
@@ -189,7 +187,6 @@ def adam_atan2(
     """
     fn = "adam_atan2"
     check_learning_rate(fn, learning_rate)
-    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
     return optax.chain(
@@ -204,6 +201,5 @@ def adam_atan2(
             nesterov=nesterov,
             pack_small_leaves=pack_small_leaves,
         ),
-        add_decayed_weights(fn, weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        *decay_and_step(fn, learning_rate, weight_decay, mask),
     )

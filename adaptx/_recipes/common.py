@@ -50,3 +50,16 @@ def add_decayed_weights(fn: str, weight_decay: Any, mask: Any) -> optax.Gradient
         return inner.update(updates, state, params, **extra_args)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def decay_and_step(
+    fn: str, learning_rate: optax.ScalarOrSchedule, weight_decay: Any, mask: Any
+) -> list[optax.GradientTransformation]:
+    """The last two members of every AdamW-style recipe: decoupled weight decay, then the
+    learning rate (both checked, and named by ``fn`` in the errors)."""
+    check_learning_rate(fn, learning_rate)
+    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
+    return [
+        add_decayed_weights(fn, weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    ]

@@ -11,21 +11,10 @@ import optax
 from adaptx._clipping.spike_clip import clip_spikes
 from adaptx._core import validate
 from adaptx._guards.guard import guard
-from adaptx._recipes.common import add_decayed_weights, check_learning_rate
+from adaptx._recipes.common import decay_and_step
 from adaptx._scaling.adam import scale_by_adam
 
 Mask = Any | Callable[[optax.Params], Any] | None
-
-
-def _decay_and_step(
-    fn: str, learning_rate: optax.ScalarOrSchedule, weight_decay: float, mask: Mask
-) -> list[optax.GradientTransformation]:
-    check_learning_rate(fn, learning_rate)
-    validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
-    return [
-        add_decayed_weights(fn, weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    ]
 
 
 def _check_adam(
@@ -102,7 +91,7 @@ def stable_adamw(
             pack_small_leaves=pack_small_leaves,
             per_tensor=per_tensor,
         ),
-        *_decay_and_step(fn, learning_rate, weight_decay, mask),
+        *decay_and_step(fn, learning_rate, weight_decay, mask),
     )
 
 
@@ -182,7 +171,7 @@ def spam(
             spike_start=spike_start,
             pack_small_leaves=pack_small_leaves,
         ),
-        *_decay_and_step(fn, learning_rate, weight_decay, mask),
+        *decay_and_step(fn, learning_rate, weight_decay, mask),
     )
 
 
@@ -324,7 +313,7 @@ def robust_adamw(
             pack_small_leaves=pack_small_leaves,
             per_tensor=per_tensor and update_rms_clip is not None,
         ),
-        *_decay_and_step(fn, learning_rate, weight_decay, mask),
+        *decay_and_step(fn, learning_rate, weight_decay, mask),
     )
     return guard(
         inner,

@@ -230,8 +230,6 @@ def scale_by_adam(
     validate.check_decay(fn, "b2", b2, example="0.999")
     validate.check_nonnegative(fn, "eps", eps, example="1e-8")
     validate.check_nonnegative(fn, "eps_root", eps_root, example="0.0")
-    validate.check_dtype(fn, "mu_dtype", mu_dtype)
-    validate.check_dtype(fn, "nu_dtype", nu_dtype)
     if spike_threshold is not None:
         validate.check_positive(fn, "spike_threshold", spike_threshold, example="5000.0")
     if update_rms_clip is not None:
@@ -241,11 +239,6 @@ def scale_by_adam(
     )
     validate.check_int(fn, "reset_warmup", reset_warmup, low=0, traced_ok=True, example="150")
     validate.check_int(fn, "spike_start", spike_start, low=0, traced_ok=True, example="20")
-    # A concrete integer array is accepted (optax.inject_hyperparams passes numbers as
-    # arrays); the value sizes buffers, so it cannot be traced.
-    pack_small_leaves = validate.static_int(
-        fn, "pack_small_leaves", pack_small_leaves, low=1, allow_none=True, example="65536"
-    )
     if per_tensor and update_rms_clip is None:
         raise ValueError(
             f"{fn}: per_tensor=True keeps each tensor's update RMS, which only update "

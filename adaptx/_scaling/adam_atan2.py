@@ -100,11 +100,6 @@ def scale_by_adam_atan2(
     validate.check_decay(fn, "b2", b2, example="0.99")
     validate.check_positive(fn, "a", a, example="1.27")
     validate.check_positive(fn, "b", b, example="1.0")
-    validate.check_dtype(fn, "mu_dtype", mu_dtype)
-    validate.check_dtype(fn, "nu_dtype", nu_dtype)
-    pack_small_leaves = validate.static_int(
-        fn, "pack_small_leaves", pack_small_leaves, low=1, allow_none=True, example="65536"
-    )
     a_, b_ = tu.as_scalar(a, jnp.float32), tu.as_scalar(b, jnp.float32)
 
     def direction(k: dict, m_hat: jax.Array, v_hat: jax.Array) -> jax.Array:

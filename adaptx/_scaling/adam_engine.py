@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from adaptx._core import hints as hints_lib
-from adaptx._core import packing
+from adaptx._core import packing, validate
 from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 
@@ -365,8 +365,17 @@ def transformation(
 
     ``make_state(moments, step, context)`` builds the public transform's own state: from
     the initial moments (``step`` is ``None``, ``context`` the params) and after each
-    update (``context`` the previous state).
+    update (``context`` the previous state). Checks the storage options every method
+    shares (``mu_dtype``, ``nu_dtype``, ``pack_small_leaves``), naming ``method.name``.
     """
+    fn = method.name
+    validate.check_dtype(fn, "mu_dtype", mu_dtype)
+    validate.check_dtype(fn, "nu_dtype", nu_dtype)
+    # A concrete integer array is accepted (optax.inject_hyperparams passes numbers as
+    # arrays); the value sizes buffers, so it cannot be traced.
+    pack_small_leaves = validate.static_int(
+        fn, "pack_small_leaves", pack_small_leaves, low=1, allow_none=True, example="65536"
+    )
     mu_dtype = tu.canonical_dtype(mu_dtype)
     nu_dtype = tu.canonical_dtype(nu_dtype)
 
