@@ -1,6 +1,6 @@
 """Two builds of one recipe, paired in one run on the four trees: what does a change cost?
 
-Two questions are asked this way:
+Three questions are asked this way:
 
 - ``hints``: are the scale hints worth keeping? A clip announces that its output is
   ``s * g`` (``adaptx._core.hints``) so that a packed Adam concatenates ``g`` and an
@@ -8,6 +8,11 @@ Two questions are asked this way:
   with the hints (A) and without them (B, ``adaptx._core.hints.disabled``).
 - ``per-tensor``: what do the per-tensor figures cost? Each recipe is built without
   (A) and with ``per_tensor=True`` (B).
+- ``engine``: did a change of the library cost anything? Each recipe is built by the
+  ``adaptx`` of an earlier revision (A, ``--before REV``, default the last commit before
+  the Adam engine) and by the working tree's (B). The earlier package is exported from
+  git into a temporary folder under a private name (``bench/before.py``), so both run in
+  one process, in the same interleaved rounds.
 
 For each tree and recipe it reports:
 
@@ -15,12 +20,14 @@ For each tree and recipe it reports:
   rounds, as the ratio B / A: median, min and max;
 - full-size passes (kernels of the optimized HLO reading or writing a full-size array,
   ``bench/hlo_report.py``), summed bytes in units of one float32 pass over the tree;
+- the number of kernels in the compiled step;
 - peak temporary memory of the compiled step (``memory_analysis``);
 - compile time.
 
     python -m bench.paired hints                  # the four trees, ~10 min on 2 CPU cores
     python -m bench.paired per-tensor --trees transformer,many_small
     python -m bench.paired hints --quick          # tiny trees, seconds
+    python -m bench.paired engine --before 0824b51 --out bench/measured/engine
     python -m bench.paired hints --out bench/measured/hints
 """
 
@@ -40,24 +47,37 @@ import optax
 
 import adaptx
 from adaptx._core import hints as hints_lib
+from bench import before as before_lib
 from bench.hlo_report import kernel_rows
 from bench.update_step import make_numpy_tree, tree_shapes
 
 TREES = ("single16", "single64", "transformer", "many_small")
 
+# recipe -> (the adaptx package to build it from, its keyword arguments) -> transform.
 RECIPES = {
-    "robust_adamw": lambda **kw: adaptx.robust_adamw(1e-3, **kw),
-    "robust_adamw packed": lambda **kw: adaptx.robust_adamw(1e-3, pack_small_leaves=65536, **kw),
-    "adamw packed": lambda **kw: adaptx.adamw(1e-3, pack_small_leaves=65536, **kw),
+    "robust_adamw": lambda ax, **kw: ax.robust_adamw(1e-3, **kw),
+    "robust_adamw packed": lambda ax, **kw: ax.robust_adamw(1e-3, pack_small_leaves=65536, **kw),
+    "adamw packed": lambda ax, **kw: ax.adamw(1e-3, pack_small_leaves=65536, **kw),
 }
+# The engine question also asks about the per-leaf recipes that the other two leave out.
+ENGINE_RECIPES = {
+    "adamw": lambda ax: ax.adamw(1e-3),
+    "spam": lambda ax: ax.spam(1e-3),
+    "stable_adamw": lambda ax: ax.stable_adamw(1e-3),
+    **RECIPES,
+}
+DEFAULT_BEFORE = "0824b51"  # the last commit before scale_by_adam moved onto the engine
 
 
-def build(question: str, recipe: str, label: str):
+def build(question: str, recipe: str, label: str, before=None):
     """(transform, context to compile it in) for variant ``label`` ("A" or "B")."""
     if question == "per-tensor":
         kw = {"per_tensor": True} if label == "B" else {}
-        return RECIPES[recipe](**kw), contextlib.nullcontext()
-    return RECIPES[recipe](), hints_lib.disabled() if label == "B" else contextlib.nullcontext()
+        return RECIPES[recipe](adaptx, **kw), contextlib.nullcontext()
+    if question == "engine":
+        return ENGINE_RECIPES[recipe](before if label == "A" else adaptx), contextlib.nullcontext()
+    hinted = contextlib.nullcontext()
+    return RECIPES[recipe](adaptx), hints_lib.disabled() if label == "B" else hinted
 
 
 def compiled_step(tx, params, grads):
@@ -81,13 +101,13 @@ def passes(hlo: str, params) -> float:
     return sum(r["in_bytes"] + r["out_bytes"] for r in rows) / tree_bytes
 
 
-def measure(question: str, tree: str, recipe: str, quick: bool, reps: int) -> dict:
+def measure(question: str, tree: str, recipe: str, quick: bool, reps: int, before=None) -> dict:
     shapes = tree_shapes(tree, quick)
     np_params = make_numpy_tree(shapes, 0, 1.0)
     grads = jax.tree.map(jnp.asarray, make_numpy_tree(shapes, 1, 1e-3))
     cells = {}
     for label in ("A", "B"):
-        tx, context = build(question, recipe, label)
+        tx, context = build(question, recipe, label, before)
         params = jax.tree.map(jnp.asarray, np_params)
         with context:
             compiled, state, seconds = compiled_step(tx, params, grads)
@@ -97,6 +117,7 @@ def measure(question: str, tree: str, recipe: str, quick: bool, reps: int) -> di
             "carry": [params, state],
             "compile_s": seconds,
             "passes": passes(compiled.as_text(), np_params),
+            "kernels": len(kernel_rows(compiled.as_text())),
             "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
         }
     times = {"A": [], "B": []}
@@ -115,6 +136,7 @@ def measure(question: str, tree: str, recipe: str, quick: bool, reps: int) -> di
         out[label] = {
             "step_ms": 1e3 * statistics.median(times[label]),
             "passes": round(c["passes"], 2),
+            "kernels": c["kernels"],
             "temp_mb": c["temp_mb"],
             "compile_s": round(c["compile_s"], 2),
         }
@@ -126,15 +148,15 @@ def measure(question: str, tree: str, recipe: str, quick: bool, reps: int) -> di
     return out
 
 
-LABELS = {"hints": ("on", "off"), "per-tensor": ("off", "on")}
+LABELS = {"hints": ("on", "off"), "per-tensor": ("off", "on"), "engine": ("before", "after")}
 
 
 def markdown(rows: list[dict]) -> str:
     a, b = LABELS[rows[0]["question"]]
     head = (
         f"| tree | recipe | step {a} (ms) | {b} / {a}: median (min-max) | passes {a} / {b} "
-        f"| temp MB {a} / {b} | compile s {a} / {b} |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |\n"
+        f"| kernels {a} / {b} | temp MB {a} / {b} | compile s {a} / {b} |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     for r in rows:
@@ -142,7 +164,8 @@ def markdown(rows: list[dict]) -> str:
         mem = "n/a" if on["temp_mb"] is None else f"{on['temp_mb']:.1f} / {off['temp_mb']:.1f}"
         lines.append(
             f"| {r['tree']} | {r['recipe']} | {on['step_ms']:.2f} | {q['median']:.3f} "
-            f"({q['min']:.3f}-{q['max']:.3f}) | {on['passes']:.1f} / {off['passes']:.1f} | {mem} "
+            f"({q['min']:.3f}-{q['max']:.3f}) | {on['passes']:.1f} / {off['passes']:.1f} "
+            f"| {on['kernels']} / {off['kernels']} | {mem} "
             f"| {on['compile_s']:.1f} / {off['compile_s']:.1f} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -152,23 +175,32 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("question", choices=sorted(LABELS), help="what to compare")
     p.add_argument("--trees", default=",".join(TREES), help="comma-separated trees")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
+    p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
+    p.add_argument(
+        "--before",
+        default=DEFAULT_BEFORE,
+        help=f"engine: the earlier git revision (default {DEFAULT_BEFORE})",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 15; quick 3)")
     p.add_argument("--quick", action="store_true", help="tiny trees, few rounds")
     p.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
+    recipes = args.recipes or ",".join(ENGINE_RECIPES if args.question == "engine" else RECIPES)
+    before = before_lib.load(args.before) if args.question == "engine" else None
     rows = []
     for tree in args.trees.split(","):
-        for recipe in args.recipes.split(","):
+        for recipe in recipes.split(","):
             if tree.startswith("single") and "packed" in recipe:
                 continue  # one leaf: nothing to pack
-            rows.append(measure(args.question, tree, recipe, args.quick, reps))
+            rows.append(measure(args.question, tree, recipe, args.quick, reps, before))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
         meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "numpy": np.__version__}
+        if before is not None:
+            meta["before"] = args.before
         Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         Path(args.out + ".md").write_text(table)
     return rows

@@ -117,3 +117,22 @@ def test_train_step_quick(tmp_path):
         assert c["loss_finite"] and c["loss_finite_end"]
     assert _finite(cells[("adamw", "adaptx")]["vs_optax"]["median"])
     assert "| recipe | impl |" in out.with_suffix(".md").read_text()
+
+
+def test_before_exports_a_revision_as_its_own_package(tmp_path):
+    """``bench/before.py`` renames every import of the exported package, so the earlier
+    revision runs beside the working tree's without touching it."""
+    import subprocess
+    import sys
+
+    from bench import before
+
+    package = before.export("HEAD", tmp_path)
+    assert package.name == before.NAME and (package / "__init__.py").exists()
+    for path in package.rglob("*.py"):
+        assert not before._IMPORT.search(path.read_text()), path
+    code = (
+        "import adaptx_before, sys; tx = adaptx_before.adamw(1e-3); "
+        "assert 'adaptx' not in sys.modules, sorted(m for m in sys.modules if 'adaptx' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)

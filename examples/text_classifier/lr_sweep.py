@@ -25,10 +25,46 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 import adaptx
+
+
+def relative_step_cap(max_ratio: float, min_rms: float = 1e-3) -> optax.GradientTransformation:
+    """Caps each tensor's final step at ``max_ratio`` times its parameter's RMS.
+
+    ``u <- u * min(1, max_ratio * max(rms(p), min_rms) / rms(u))``, placed after the learning
+    rate (and the weight decay), so the cap bounds what is applied: a per-tensor trust
+    region in the spirit of LARS/LAMB's trust ratio (You et al. 2017, 2019) and Adafactor's
+    relative step size (Shazeer and Stern 2018), but acting only above the bound. A
+    measured experiment of the learning-rate sweep, not a library transform: it lowers the
+    sensitivity only by also costing loss at the best learning rate (example README).
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        def cap(u, p):
+            rms_u = jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32))))
+            rms_p = jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32))))
+            bound = max_ratio * jnp.maximum(rms_p, min_rms)
+            return (u * jnp.minimum(1.0, bound / jnp.maximum(rms_u, 1e-30))).astype(u.dtype)
+
+        return jax.tree.map(cap, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _capped(ratio: float) -> Callable:
+    return lambda lr, wd, mask: optax.chain(
+        adaptx.robust_adamw(lr, weight_decay=wd, mask=mask), relative_step_cap(ratio)
+    )
+
 
 # name -> (learning-rate schedule, weight decay, decay mask) -> optimizer.
 OPTIMIZERS: dict[str, Callable] = {
@@ -54,6 +90,9 @@ OPTIMIZERS: dict[str, Callable] = {
     "adaptx.robust_adamw(update_rms_clip=None)": lambda lr, wd, mask: adaptx.robust_adamw(
         lr, weight_decay=wd, mask=mask, update_rms_clip=None
     ),
+    # Each tensor's applied step at most 2 or 3 % of its parameter's RMS.
+    "adaptx.robust_adamw + relative step cap 0.02": _capped(0.02),
+    "adaptx.robust_adamw + relative step cap 0.03": _capped(0.03),
 }
 
 #: Six peak learning rates spanning 100x, per workload, each around its best one: the
