@@ -228,6 +228,12 @@ def robust_adamw(
       largest per-tensor :math:`\sqrt{\mathrm{mean}(g^2/\hat v)}` exceeds 1 on 72-90 % of
       the steps, 3 on 0.2-1.0 % and 5 on 0-0.3 % (``python -m bench.stability.probes
       update-rms``): at 1 it is a permanent change of the step size, not a defense.
+      It is the recipe's one per-tensor defense (a spike confined to one small tensor
+      barely moves the global norm), and its costliest part: the per-tensor reduction
+      reads ``g`` and ``v`` once more. ``update_rms_clip=None`` keeps the detector and the
+      guard alone; on ``bench/stability``'s replays it scores the same as the default and
+      steps at 1.13x ``adaptx.adamw`` against the default's 1.53x (7.3 M parameters,
+      XLA:CPU; ``bench/README.md``).
 
     The defaults were chosen on the recorded runs of ``bench/stability`` (see
     ``bench/README.md``): on every healthy run the clip and the guard intervene on at

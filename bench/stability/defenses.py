@@ -152,6 +152,14 @@ DEFENSES: tuple[Defense, ...] = (
         "guard(clip_spikes + update-clipped AdamW), the recipe's defaults",
     ),
     Defense(
+        "adaptx.robust_adamw(update_rms_clip=None)",
+        lambda: robust_front(update_rms_clip=None),
+        {},
+        _adaptx_recipe,
+        lambda: adaptx.robust_adamw(LR, update_rms_clip=None),
+        "the recipe without StableAdamW's update clipping: detector and guard only",
+    ),
+    Defense(
         "adaptx.robust_adamw(loss_z=6)",
         lambda: robust_front(loss_z=6.0),
         {},

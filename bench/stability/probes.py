@@ -77,14 +77,15 @@ def full_size_passes(tx, n: int = 1 << 22) -> float:
     return sum(r["in_bytes"] + r["out_bytes"] for r in rows) / (4 * n)
 
 
-def unguarded_chain():
-    """``robust_adamw``'s chain without its detector and guard."""
+def unguarded_chain(update_rms_clip: float | None = 5.0):
+    """``robust_adamw``'s chain without its detector and guard (its default update clip, or
+    ``update_rms_clip``)."""
     import optax
 
     import adaptx
 
     return optax.chain(
-        adaptx.scale_by_adam(update_rms_clip=5.0),
+        adaptx.scale_by_adam(update_rms_clip=update_rms_clip),
         optax.add_decayed_weights(1e-4),
         optax.scale(-1e-3),
     )

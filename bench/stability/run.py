@@ -73,14 +73,19 @@ def calibrate(traces: dict) -> list[dict]:
 
 
 def step_cost(chosen, quick: bool) -> dict:
+    clipped, plain = "AdamW + update clip, no detector or guard", "AdamW, no detector or guard"
     variants = {"adaptx.adamw": lambda: adaptx.adamw(defenses.LR, max_norm=None)}
-    variants["AdamW + update clip, no detector or guard"] = probes.unguarded_chain
+    variants[clipped] = probes.unguarded_chain
+    variants[plain] = lambda: probes.unguarded_chain(update_rms_clip=None)
     for d in chosen:
         if d.recipe is not None:
             variants[d.name] = d.recipe
-    base = "AdamW + update clip, no detector or guard"
+    # Each recipe over the same chain without its detector and guard.
     pairs = {
-        f"{d.name} over {base}": (d.name, base)
+        f"{d.name} over {plain if 'update_rms_clip=None' in d.name else clipped}": (
+            d.name,
+            plain if "update_rms_clip=None" in d.name else clipped,
+        )
         for d in chosen
         if d.recipe is not None and d.name.startswith("adaptx.robust_adamw")
     }

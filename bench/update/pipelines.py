@@ -103,14 +103,14 @@ def recipe(name: str, **kwargs):
 
 
 def robust_unguarded():
-    """``robust_adamw``'s inner chain (defaults) without the ``guard`` wrapper.
+    """``robust_adamw``'s inner chain (its defaults) without the ``guard`` wrapper.
 
-    A plain ``optax.chain``: zclip announces its output as ``s * g`` on the array itself,
-    so Adam's update-RMS reduction reads ``g`` here as it does inside the recipe.
+    A plain ``optax.chain``: clip_spikes announces its output as ``s * g`` on the array
+    itself, so Adam's update-RMS reduction reads ``g`` here as it does inside the recipe.
     """
     return optax.chain(
-        adaptx.zclip(),
-        adaptx.scale_by_adam(B1, B2, EPS, update_rms_clip=1.0),
+        adaptx.clip_spikes(initial_max_norm=1.0),
+        adaptx.scale_by_adam(B1, B2, EPS, update_rms_clip=5.0),
         optax.add_decayed_weights(WD),
         optax.scale_by_learning_rate(LR),
     )
@@ -204,8 +204,8 @@ def _recipe_variants(pipeline: str, n_leaves: int) -> Variants:
     )
     if pipeline == "robust_adamw":
         out["adaptx-base"] = (
-            "robust_adamw's chain without guard: chain(zclip(), "
-            "scale_by_adam(update_rms_clip=1), decay, lr)",
+            "robust_adamw's chain without guard: chain(clip_spikes(initial_max_norm=1), "
+            "scale_by_adam(update_rms_clip=5), decay, lr)",
             lambda: optax_step(robust_unguarded()),
         )
         out["adaptx-adamw"] = plain
