@@ -13,8 +13,10 @@ thresholds), adaptive scaling, momentum, guards, recipes and telemetry.
 from adaptx._clipping.adagc import AdaGCState, adagc
 from adaptx._clipping.agc import adaptive_grad_clip
 from adaptx._clipping.autoclip import AutoClipState, autoclip
+from adaptx._chain import chain
 from adaptx._clipping.block_rms import ClipByBlockRmsState, clip_by_block_rms
 from adaptx._clipping.global_norm import ClipByGlobalNormState, clip_by_global_norm
+from adaptx._clipping.scalar_clip import scalar_clip
 from adaptx._clipping.spike_clip import ClipSpikesState, clip_spikes
 from adaptx._clipping.value import clip_by_value
 from adaptx._clipping.zclip import ZClipState, zclip
@@ -27,7 +29,7 @@ from adaptx._recipes.adamw import adam_atan2, adamw
 from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
 from adaptx._recipes.sgd import sgd
 from adaptx._scaling.adagrad import ScaleByAdagradState, scale_by_adagrad
-from adaptx._scaling.adam import ScaleByAdamGuardedState, ScaleByAdamState, scale_by_adam
+from adaptx._scaling.adam import ScaleByAdamState, scale_by_adam
 from adaptx._scaling.adam_atan2 import ScaleByAdamAtan2State, scale_by_adam_atan2
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
@@ -47,7 +49,6 @@ __all__ = (
     "RewindState",
     "ScaleByAdagradState",
     "ScaleByAdamAtan2State",
-    "ScaleByAdamGuardedState",
     "ScaleByAdamState",
     "ScaleByRmsState",
     "ZClipState",
@@ -56,6 +57,7 @@ __all__ = (
     "adamw",
     "adaptive_grad_clip",
     "autoclip",
+    "chain",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
@@ -67,6 +69,7 @@ __all__ = (
     "momentum",
     "rewind",
     "robust_adamw",
+    "scalar_clip",
     "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_adam_atan2",

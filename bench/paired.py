@@ -2,10 +2,11 @@
 
 Three questions are asked this way:
 
-- ``hints``: are the scale hints worth keeping? A clip announces that its output is
-  ``s * g`` (``adaptx._core.hints``) so that a packed Adam concatenates ``g`` and an
-  update-RMS reduction reads ``g``, instead of a scaled copy. Each recipe is compiled
-  with the hints (A) and without them (B, ``adaptx._core.hints.disabled``).
+- ``chain``: what does a recipe's program buy over a user's ``optax.chain`` of its
+  documented parts (``bench/recipe_parts.py``)? The recipe (A) is an ``adaptx.chain``: a
+  global clip folded into Adam's pass, and, under a guard, Adam's moments held inside
+  that pass. The user's chain (B) gives the same numbers; the clip's output is a
+  separate array and the guard selects the whole chain's state.
 - ``per-tensor``: what do the per-tensor figures cost? Each recipe is built without
   (A) and with ``per_tensor=True`` (B).
 - ``engine``: did a change of the library cost anything? Each recipe is built by the
@@ -24,17 +25,15 @@ For each tree and recipe it reports:
 - peak temporary memory of the compiled step (``memory_analysis``);
 - compile time.
 
-    python -m bench.paired hints                  # the four trees, ~10 min on 2 CPU cores
+    python -m bench.paired chain                  # the four trees, ~10 min on 2 CPU cores
     python -m bench.paired per-tensor --trees transformer,many_small
-    python -m bench.paired hints --quick          # tiny trees, seconds
+    python -m bench.paired chain --quick          # tiny trees, seconds
     python -m bench.paired engine --before 0824b51 --out bench/measured/engine
-    python -m bench.paired hints --out bench/measured/hints
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -46,9 +45,9 @@ import numpy as np
 import optax
 
 import adaptx
-from adaptx._core import hints as hints_lib
 from bench import before as before_lib
 from bench.hlo_report import kernel_rows
+from bench.recipe_parts import PARTS
 from bench.update_step import make_numpy_tree, tree_shapes
 
 TREES = ("single16", "single64", "transformer", "many_small")
@@ -59,25 +58,32 @@ RECIPES = {
     "robust_adamw packed": lambda ax, **kw: ax.robust_adamw(1e-3, pack_small_leaves=65536, **kw),
     "adamw packed": lambda ax, **kw: ax.adamw(1e-3, pack_small_leaves=65536, **kw),
 }
-# The engine question also asks about the per-leaf recipes that the other two leave out.
+# The engine and chain questions also ask about the per-leaf recipes.
 ENGINE_RECIPES = {
     "adamw": lambda ax: ax.adamw(1e-3),
+    "adam_atan2": lambda ax: ax.adam_atan2(1e-3),
     "spam": lambda ax: ax.spam(1e-3),
     "stable_adamw": lambda ax: ax.stable_adamw(1e-3),
+    "sgd": lambda ax: ax.sgd(1e-3),
     **RECIPES,
 }
+
+
+def user_chain(recipe: str):
+    """The ``optax.chain`` of ``recipe``'s parts (``bench/recipe_parts.py``)."""
+    name, _, packed = recipe.partition(" ")
+    return PARTS[name](1e-3, **({"pack_small_leaves": 65536} if packed else {}))
 DEFAULT_BEFORE = "0824b51"  # the last commit before scale_by_adam moved onto the engine
 
 
 def build(question: str, recipe: str, label: str, before=None):
-    """(transform, context to compile it in) for variant ``label`` ("A" or "B")."""
+    """The transform for variant ``label`` ("A" or "B")."""
     if question == "per-tensor":
         kw = {"per_tensor": True} if label == "B" else {}
-        return RECIPES[recipe](adaptx, **kw), contextlib.nullcontext()
+        return RECIPES[recipe](adaptx, **kw)
     if question == "engine":
-        return ENGINE_RECIPES[recipe](before if label == "A" else adaptx), contextlib.nullcontext()
-    hinted = contextlib.nullcontext()
-    return RECIPES[recipe](adaptx), hints_lib.disabled() if label == "B" else hinted
+        return ENGINE_RECIPES[recipe](before if label == "A" else adaptx)
+    return ENGINE_RECIPES[recipe](adaptx) if label == "A" else user_chain(recipe)
 
 
 def compiled_step(tx, params, grads):
@@ -107,10 +113,9 @@ def measure(question: str, tree: str, recipe: str, quick: bool, reps: int, befor
     grads = jax.tree.map(jnp.asarray, make_numpy_tree(shapes, 1, 1e-3))
     cells = {}
     for label in ("A", "B"):
-        tx, context = build(question, recipe, label, before)
+        tx = build(question, recipe, label, before)
         params = jax.tree.map(jnp.asarray, np_params)
-        with context:
-            compiled, state, seconds = compiled_step(tx, params, grads)
+        compiled, state, seconds = compiled_step(tx, params, grads)
         mem = compiled.memory_analysis()
         cells[label] = {
             "compiled": compiled,
@@ -148,7 +153,7 @@ def measure(question: str, tree: str, recipe: str, quick: bool, reps: int, befor
     return out
 
 
-LABELS = {"hints": ("on", "off"), "per-tensor": ("off", "on"), "engine": ("before", "after")}
+LABELS = {"chain": ("recipe", "chain"), "per-tensor": ("off", "on"), "engine": ("before", "after")}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -186,7 +191,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
-    recipes = args.recipes or ",".join(ENGINE_RECIPES if args.question == "engine" else RECIPES)
+    every = args.question in ("engine", "chain")
+    recipes = args.recipes or ",".join(ENGINE_RECIPES if every else RECIPES)
     before = before_lib.load(args.before) if args.question == "engine" else None
     rows = []
     for tree in args.trees.split(","):

@@ -121,7 +121,7 @@ def test_spam_recipe_uses_the_paper_defaults():
     tx = adaptx.spam(1e-3)
     state = tx.init(params0())
     adam_state = state[0]
-    assert isinstance(adam_state, adaptx.ScaleByAdamGuardedState)
+    assert isinstance(adam_state, adaptx.ScaleByAdamState)
     sizes, state = step_sizes(adaptx.spam(1e-3, reset_interval=20, reset_warmup=5), 30)
     assert np.all(np.isfinite(sizes))
     # the step right after a reset is warmed up (scale 0.01)

@@ -38,6 +38,8 @@ REQUIRED = {
     "adaptive_grad_clip": (0.05,),
     "scale_by_adam": (),
     "scale_by_rms": (),
+    # adaptx.chain is optax.chain (plus the skip protocol and the fused clip)
+    "chain": (adaptx.clip_by_global_norm(0.7), adaptx.scale_by_adam(), optax.scale(-1e-2)),
 }
 
 ABSENT = "no such parameter"
@@ -282,6 +284,7 @@ POSITIONAL_CALLS = {
         optax.sgd(0.1, 0.9, True, jnp.float32),
     ),
     "ema": (adaptx.ema(0.9, False, jnp.float32), optax.ema(0.9, False, jnp.float32)),
+    "chain": (adaptx.chain(*REQUIRED["chain"]), optax.chain(*REQUIRED["chain"])),
     "scale_by_rms": (
         adaptx.scale_by_rms(0.95, 1e-6, 0.1, False, True),
         optax.scale_by_rms(0.95, 1e-6, 0.1, False, True),
@@ -333,13 +336,6 @@ def test_new_parameters_are_validated():
         adaptx.sgd(0.1, accumulator_dtype=jnp.int8)
     with pytest.raises(ValueError, match=r"ema: `accumulator_dtype`"):
         adaptx.ema(0.9, accumulator_dtype=jnp.int8)
-    with pytest.raises(ValueError, match=r"ema: `dtype` is the former name"):
-        adaptx.ema(0.9, accumulator_dtype=jnp.float32, dtype=jnp.float32)
-
-
-def test_emas_former_dtype_keyword_still_works():
-    state = adaptx.ema(0.9, dtype=jnp.bfloat16).init({"w": jnp.ones(2)})
-    assert state.ema["w"].dtype == jnp.bfloat16
 
 
 # ---------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def test_every_public_factory_is_covered():
 # Factories whose validation is tested in their own modules.
 EXTRA_COVERED = (
     "autoclip",
+    "chain",  # tests/test_chain.py
+    "scalar_clip",  # tests/test_chain.py
     "clip_spikes",
     "rewind",
     "zclip",

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 
@@ -114,4 +115,4 @@ def adaptive_grad_clip(
 
         return jax.tree.map(clip, updates, params), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))

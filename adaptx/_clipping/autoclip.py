@@ -10,6 +10,7 @@ import optax
 
 from adaptx._clipping.global_norm import clip_scale
 from adaptx._core import per_tensor as per_tensor_lib
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
@@ -192,4 +193,4 @@ def autoclip(
         )
         return tu.scale(updates, s), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
@@ -84,4 +85,4 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
             return out, state
         return out, ClipByBlockRmsState(num_clipped=num)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._clipping.scalar_clip import scalar_clip
 from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
@@ -97,7 +98,7 @@ def clip_by_global_norm(
     """
     validate.check_nonnegative("clip_by_global_norm", "max_norm", max_norm)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipByGlobalNormState:
         one = jnp.ones([], jnp.float32)
         return ClipByGlobalNormState(
             grad_norm=jnp.zeros([], jnp.float32),
@@ -105,20 +106,19 @@ def clip_by_global_norm(
             **per_tensor_lib.initial(params, per_tensor),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
+    def scale_fn(updates: optax.Updates, state: Any) -> tuple[jax.Array, Any]:
         tu.check_float_leaves("clip_by_global_norm", updates, allow_complex=True)
         norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
         # max_norm = 0 zeroes every gradient, even one whose squares underflow float32
         # (|g| below about 1e-19) and whose computed norm is therefore 0.
         s = jnp.where(tu.as_scalar(max_norm, norm.dtype) > 0, clip_scale(norm, max_norm), 0.0)
         if state is None or isinstance(state, optax.EmptyState):  # optax's stateless form
-            return tu.scale(updates, s, announce=True), state
+            return s, state
         new_state = ClipByGlobalNormState(
             grad_norm=norm.astype(state.grad_norm.dtype),
             scale=s.astype(state.scale.dtype),
             **per_tensor_lib.updated(state, leaf_norms, s < 1),
         )
-        return tu.scale(updates, s, announce=True), new_state
+        return s, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return scalar_clip(init_fn, scale_fn)

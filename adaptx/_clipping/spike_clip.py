@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adaptx._clipping.global_norm import clip_scale
+from adaptx._clipping.scalar_clip import scalar_clip
 from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import robust_stats, validate
 from adaptx._core import tree as tu
@@ -173,7 +174,7 @@ def clip_spikes(
         if value is not None:
             validate.check_positive(fn, name, value, example="1.0")
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipSpikesState:
         def scalar(value, dtype=jnp.float32):  # a buffer of its own: state may be donated
             return jnp.full([], value, dtype)
 
@@ -190,8 +191,7 @@ def clip_spikes(
             **per_tensor_lib.initial(params, per_tensor),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
+    def scale_fn(updates: optax.Updates, state: ClipSpikesState) -> tuple[jax.Array, Any]:
         tu.check_float_leaves(fn, updates)
         f32 = jnp.float32
         norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
@@ -239,6 +239,6 @@ def clip_spikes(
             num_clipped=tu.count_if(s < 1, state.num_clipped),
             **per_tensor_lib.updated(state, leaf_norms, s < 1),
         )
-        return tu.scale(updates, s.astype(norm.dtype), announce=True), new_state
+        return s.astype(norm.dtype), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return scalar_clip(init_fn, scale_fn)

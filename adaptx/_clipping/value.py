@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 
@@ -61,4 +62,4 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformationExt
 
         return jax.tree.map(clip, updates), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))

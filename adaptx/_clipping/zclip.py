@@ -11,6 +11,7 @@ import optax
 from adaptx._clipping.global_norm import clip_scale
 from adaptx._core import per_tensor as per_tensor_lib
 from adaptx._core import running_stats, validate
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
@@ -319,10 +320,10 @@ def zclip(
             num_skipped=tu.count_if(skipped, state.num_skipped),
             **per_tensor_lib.updated(state, leaf_norms, spike | (s < 1)),
         )
-        out = tu.scale(updates, s, announce=not zero_on_spike)
+        out = tu.scale(updates, s)
         if zero_on_spike:
             # Exact zeros even for inf gradients (inf * 0 would be NaN).
             out = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), out)
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))

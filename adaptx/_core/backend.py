@@ -1,16 +1,79 @@
-"""Tricks that help one XLA backend only, applied only there.
+"""Every rewrite that helps one XLA backend only, applied only there.
 
-Some programs compile to fewer passes over memory on XLA:CPU when written a little
-differently (a reduction split in two, an array reshaped). On GPU and TPU those
-rewrites buy nothing and can block a fusion, so they are applied on CPU alone; the
-other backends get the plain program.
+Some programs compile to fewer passes over memory, or compile faster, on XLA:CPU when
+written a little differently. On GPU and TPU those rewrites buy nothing measured and
+can block a fusion, so each is chosen by the platform that the computation is *lowered*
+for (``jax.lax.platform_dependent``), not by ``jax.default_backend()``: a step traced on
+a CPU host and lowered for a GPU gets the GPU's program. Each function names the
+measurement that justifies its CPU form; the other backends get the plain program.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
+import jax.numpy as jnp
 
 
-def on_cpu() -> bool:
-    """Whether this trace compiles for XLA:CPU (the default backend)."""
-    return jax.default_backend() == "cpu"
+def slice_starts(starts: Sequence[int]) -> Sequence[jax.Array | int]:
+    """The static ``starts`` of a packed state's slices, as the slices should read them.
+
+    XLA:CPU compiles every slice at a distinct constant offset as a distinct kernel, and
+    its compile time grows with the number of distinct kernels: on 2000 leaves of 500
+    elements, the packed update's slices alone compiled in about 4x the time of one
+    shared kernel (``python -m bench.compile_time``, the ``static`` and ``dynamic``
+    probes). On CPU the starts therefore pass through one ``optimization_barrier``, which
+    hides their values from constant folding: every slice of one size is then one
+    ``dynamic_slice`` kernel, compiled once. Elsewhere they stay Python integers, so each
+    slice is a static slice.
+    """
+    if not starts:
+        return ()
+    consts = tuple(jnp.int32(s) for s in starts)
+
+    def on_cpu(*xs: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(jax.lax.optimization_barrier(xs))
+
+    def elsewhere(*xs: jax.Array) -> tuple[jax.Array, ...]:
+        return xs
+
+    return jax.lax.platform_dependent(*consts, cpu=on_cpu, default=elsewhere)
+
+
+def spike_mask(mask: jax.Array) -> jax.Array:
+    """SPAM's boolean spike mask, written out once on XLA:CPU.
+
+    The element count and both moments read the mask. On XLA:CPU, without a barrier each
+    of their kernels recomputes it from ``v_{t-1}``, so XLA copies ``v`` before updating
+    it in place (one extra full-size buffer, ``python -m bench.stability.probes passes``);
+    with it the mask is one byte per element written once. Elsewhere the mask is left to
+    the compiler.
+    """
+    return jax.lax.platform_dependent(
+        mask, cpu=lambda m: jax.lax.optimization_barrier(m), default=lambda m: m
+    )
+
+
+def count_true(mask: jax.Array, *, splittable: bool, row: int = 64) -> jax.Array:
+    """Number of true entries of a boolean array, as int32.
+
+    On XLA:CPU, summed first in rows of ``row`` elements in int8 (no row sum can
+    overflow), then the row sums in int32: XLA:CPU writes a widened copy of the mask
+    before reducing it, and this way the copy has one byte per element rather than four
+    (``python -m bench.xla_cpu_effects``). ``splittable``: whether the mask may be
+    reshaped into rows (its size a multiple of ``row`` and not sharded). Other backends
+    reduce the mask directly.
+    """
+
+    def plain(m: jax.Array) -> jax.Array:
+        return jnp.sum(m, dtype=jnp.int32)
+
+    if not splittable or mask.size % row:
+        return plain(mask)
+
+    def by_rows(m: jax.Array) -> jax.Array:
+        rows = jnp.sum(m.reshape(-1, row), axis=1, dtype=jnp.int8)
+        return jnp.sum(rows, dtype=jnp.int32)
+
+    return jax.lax.platform_dependent(mask, cpu=by_rows, default=plain)

@@ -8,12 +8,16 @@ compile time grows faster than the number of kernels.
 A transform that packs keeps the per-element state of every leaf with at most
 ``max_size`` elements in one flat buffer per dtype. Each step it concatenates those
 leaves' inputs once, runs its per-element update once over the flat buffers, and
-cuts each leaf's output back out with a dynamic slice at a runtime offset. The
-offsets are int32 arrays kept in the state: a slice at a constant offset would make
-every leaf's output kernel a distinct computation for XLA to compile, whereas at a
-runtime offset all leaves of one shape share a single kernel. Larger leaves keep
-their own buffers and their own fused pass, since packing them would add a copy of
-the gradient and of the update per step.
+cuts each leaf's output back out of them. Larger leaves keep their own buffers and
+their own fused pass, since packing them would add a copy of the gradient and of the
+update per step.
+
+Which leaf sits where is static: a :class:`Layout` (shapes, dtypes, groups, each packed
+leaf's start), carried as the pytree aux data of the packed state, never as arrays in
+it. A tree map or a cast over the state (``jax.tree.map(jnp.zeros_like, state)``, a
+dtype round trip, a checkpoint restore) therefore cannot move a leaf. How the slices
+at those static starts are compiled is the backend's business
+(``adaptx._core.backend.slice_starts``).
 
 The tree interface is unchanged: ``init(params)`` and ``update(grads, state)`` take
 and return the user's tree; only the state's layout differs.
@@ -28,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptx._core import hints
-from adaptx._core import tree as tu
+from adaptx._core import backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Layout:
       dtypes: each leaf's dtype at ``init``.
       groups: the indices of the packed leaves, one tuple per dtype.
       big: the indices of the leaves that keep their own buffers.
+      starts: each packed leaf's start in its group's flat buffer, in the order of
+        ``groups`` (leaf by leaf, group after group).
     """
 
     treedef: Any
@@ -56,6 +61,7 @@ class Layout:
     dtypes: tuple[Any, ...]
     groups: tuple[tuple[int, ...], ...]
     big: tuple[int, ...]
+    starts: tuple[int, ...]
 
     def size(self, i: int) -> int:
         return int(np.prod(self.shapes[i], dtype=np.int64))
@@ -65,19 +71,22 @@ class Layout:
 
 
 def is_sharded(x: Any) -> bool:
-    """Whether ``x`` is known to be split across devices.
+    """Whether ``x``'s abstract sharding splits it across devices.
 
-    A concrete array tells its sharding; a traced one only under explicit sharding
-    (``jax.set_mesh``). Anything else counts as replicated.
+    Read from the abstract value (``jax.typeof(x).sharding``), which is the same for a
+    concrete array, a tracer under ``jit`` and a ``jax.ShapeDtypeStruct``: the layout
+    does not depend on where ``init`` runs. A mesh with explicit axes (``jax.make_mesh``'s
+    default) carries the partition spec in it; under automatic (``Auto``) axes nothing
+    is known and the leaf counts as replicated.
     """
-    if not isinstance(x, jax.core.Tracer):  # (a tracer's .sharding raises, slowly)
-        sharding = getattr(x, "sharding", None)
-        return sharding is not None and not sharding.is_fully_replicated
-    try:
-        spec = jax.typeof(x).sharding.spec
-    except (AttributeError, TypeError):
-        return False
-    return any(s is not None for s in spec)
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
+    if sharding is None and not isinstance(x, jax.ShapeDtypeStruct):
+        try:
+            sharding = jax.typeof(x).sharding
+        except (AttributeError, TypeError):
+            return False
+    spec = getattr(sharding, "spec", None)
+    return spec is not None and any(s is not None for s in spec)
 
 
 def plan(tree: Any, max_size: int) -> Layout:
@@ -100,7 +109,13 @@ def plan(tree: Any, max_size: int) -> Layout:
         else:
             big.append(i)
     groups_ = tuple(tuple(g) for g in groups.values())
-    return Layout(treedef, keys, paths, shapes, dtypes, groups_, tuple(big))
+    starts = []
+    for g in groups_:
+        offset = 0
+        for i in g:
+            starts.append(offset)
+            offset += int(np.prod(shapes[i], dtype=np.int64))
+    return Layout(treedef, keys, paths, shapes, dtypes, groups_, tuple(big), tuple(starts))
 
 
 def _path(path: tuple) -> str:
@@ -167,22 +182,22 @@ class PackedTree:
             return NotImplemented
         return (self.flats, self.bigs, self.layout) == (other.flats, other.bigs, other.layout)
 
-    __hash__ = None  # mutable-content equality, like the NamedTuple states around it
+    __hash__ = None  # type: ignore[assignment]  # content equality, like the states around it
 
     def __repr__(self) -> str:  # noqa: D105
         flats = ", ".join(f"{jnp.shape(f)}" for f in self.flats)
         return f"PackedTree(flats=[{flats}], {len(self.bigs)} unpacked leaves)"
 
-    def unpacked(self, offsets: tuple, like: Any) -> Any:
+    def unpacked(self, like: Any) -> Any:
         """The same state as a tree shaped like ``like`` (the parameters), for inspection."""
-        dtypes = [None] * len(self.layout.shapes)
+        dtypes: list[Any] = [None] * len(self.layout.shapes)
         for k, g in enumerate(self.layout.groups):
             for i in g:
                 dtypes[i] = jnp.result_type(self.flats[k])
         for j, i in enumerate(self.layout.big):
             dtypes[i] = jnp.result_type(self.bigs[j])
         treedef = jax.tree.structure(like)
-        return unpack(self.layout, self.flats, self.bigs, offsets, tuple(dtypes), treedef)
+        return unpack(self.layout, self.flats, self.bigs, tuple(dtypes), treedef)
 
 
 jax.tree_util.register_pytree_with_keys(
@@ -208,23 +223,6 @@ def zeros(layout: Layout, tree: Any, dtype: Any = None) -> PackedTree:
     return PackedTree(flats, bigs, layout)
 
 
-def offsets(layout: Layout) -> tuple:
-    """Each packed leaf's start in its group's flat buffer: one int32 array of shape [1] per leaf.
-
-    Separate arrays (not one array sliced at constant indices), so that the per-leaf
-    slices stay identical computations that XLA compiles once. Shape [1] rather than a
-    scalar: a donated state's scalar outputs (counters) could otherwise be given these
-    buffers, and XLA would first copy every offset out of the way.
-    """
-    out = []
-    for g in layout.groups:
-        start = 0
-        for i in g:
-            out.append(jnp.full([1], start, jnp.int32))
-            start += layout.size(i)
-    return tuple(out)
-
-
 def check(fn: str, tree: Any, layout: Layout, what: str = "updates") -> None:
     """Raises ``ValueError`` naming the mismatch when ``tree`` does not fit the layout."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -245,38 +243,22 @@ def check(fn: str, tree: Any, layout: Layout, what: str = "updates") -> None:
 
 
 def pack(layout: Layout, tree: Any) -> tuple[tuple, tuple]:
-    """``tree``'s leaves as (one concatenation per group, the big leaves).
-
-    When every leaf of a group was recorded as ``s * g`` with one and the same scalar
-    ``s`` (a clip before, ``adaptx._core.hints``), the group is ``s * concatenate(g)``:
-    the same numbers, and XLA does not write each scaled leaf out before concatenating.
-    """
+    """``tree``'s leaves as (one concatenation per group, the big leaves)."""
     leaves = jax.tree.leaves(tree)
-    flats = []
-    for g in layout.groups:
-        found = [hints.lookup(leaves[i]) for i in g]
-        s = found[0][1] if found[0] is not None else None
-        if s is not None and all(f is not None and f[1] is s for f in found):
-            raw = jnp.concatenate([jnp.ravel(f[0]) for f in found])
-            acc = tu.compute_dtype(raw.dtype, s.dtype)
-            flats.append((raw.astype(acc) * s.astype(acc)).astype(raw.dtype))
-        else:
-            flats.append(jnp.concatenate([jnp.ravel(leaves[i]) for i in g]))
-    return tuple(flats), tuple(leaves[i] for i in layout.big)
+    flats = tuple(jnp.concatenate([jnp.ravel(leaves[i]) for i in g]) for g in layout.groups)
+    return flats, tuple(leaves[i] for i in layout.big)
 
 
-def unpack(
-    layout: Layout, flats: tuple, bigs: tuple, starts: tuple, dtypes: tuple, treedef: Any
-) -> Any:
-    """The ``treedef`` tree whose packed leaves are cut from ``flats`` at the runtime ``starts``.
+def unpack(layout: Layout, flats: tuple, bigs: tuple, dtypes: tuple, treedef: Any) -> Any:
+    """The ``treedef`` tree whose packed leaves are cut from ``flats`` at the layout's starts.
 
     ``dtypes`` gives each leaf's output dtype.
     """
     out: list[Any] = [None] * len(layout.shapes)
-    it = iter(starts)
+    starts = iter(backend.slice_starts(layout.starts))
     for k, g in enumerate(layout.groups):
         for i in g:
-            piece = jax.lax.dynamic_slice(flats[k], (next(it)[0],), (layout.size(i),))
+            piece = jax.lax.dynamic_slice(flats[k], (next(starts),), (layout.size(i),))
             out[i] = piece.reshape(layout.shapes[i]).astype(dtypes[i])
     for j, i in enumerate(layout.big):
         out[i] = bigs[j].astype(dtypes[i])

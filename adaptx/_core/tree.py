@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaptx._core import hints as hints_lib
 
 Tree = Any
 
@@ -213,21 +212,20 @@ def global_norm(tree: Tree, axis_name: Any = None) -> jax.Array:
     return jnp.sqrt(sq)
 
 
-def scale(tree: Tree, s: jax.Array, announce: bool = False) -> Tree:
-    """Multiplies every leaf by the scalar ``s``, in float32 or wider, keeping each leaf's dtype.
+def scale_leaf(x: jax.Array, s: jax.Array) -> jax.Array:
+    """``s * x`` computed in float32 or wider and rounded back to ``x``'s dtype.
 
-    With ``announce``, each result is recorded as ``s`` times its input
-    (``adaptx._core.hints``), for the transforms after this one.
+    The one definition of a clip's product: a clip transform applies it to every leaf,
+    and a fused clip-then-Adam (:func:`adaptx.chain`) applies it inside Adam's own pass,
+    so both give the same numbers.
     """
+    acc = compute_dtype(x.dtype, s.dtype)
+    return (x.astype(acc) * s.astype(acc)).astype(x.dtype)
 
-    def f(x):
-        acc = compute_dtype(x.dtype, s.dtype)
-        out = (x.astype(acc) * s.astype(acc)).astype(x.dtype)
-        if announce:
-            hints_lib.record(out, x, s)
-        return out
 
-    return jax.tree.map(f, tree)
+def scale(tree: Tree, s: jax.Array) -> Tree:
+    """Multiplies every leaf by the scalar ``s`` (:func:`scale_leaf`), keeping each leaf's dtype."""
+    return jax.tree.map(lambda x: scale_leaf(x, s), tree)
 
 
 def to_storage(x: jax.Array, dtype: Any) -> jax.Array:

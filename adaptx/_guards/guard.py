@@ -15,7 +15,7 @@ from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
 #: Values of :attr:`GuardState.last_reason`.
-OK, NONFINITE, SPIKE, NONFINITE_LOSS, LOSS_SPIKE = 0, 1, 2, 3, 4
+OK, NONFINITE, SPIKE, NONFINITE_LOSS, LOSS_SPIKE, GRAD_NORM_LIMIT, LOSS_LIMIT = range(7)
 
 
 @reports(
@@ -31,6 +31,9 @@ OK, NONFINITE, SPIKE, NONFINITE_LOSS, LOSS_SPIKE = 0, 1, 2, 3, 4
     "loss_mean",
     "loss_std",
     "loss_z",
+    "steps",
+    "consecutive_nonfinite",
+    "diverged",
     per_tensor=("tensor_grad_norm", "top_tensor"),
 )
 class GuardState(NamedTuple):
@@ -43,7 +46,8 @@ class GuardState(NamedTuple):
       skipped: steps skipped so far (int32, saturating).
       consecutive: steps skipped in a row up to the last one (int32).
       last_reason: why the last step was skipped (int32): 0 not skipped, 1 non-finite
-        gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss spike.
+        gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss spike, 5 gradient
+        norm above ``max_grad_norm``, 6 loss above ``max_loss``.
       forced: spikes let through because ``max_consecutive_skips`` was reached (int32).
       norm_mean: running mean of accepted gradient norms (float32).
       norm_var: running variance of accepted gradient norms (float32).
@@ -52,6 +56,12 @@ class GuardState(NamedTuple):
       loss_mean: running mean of the loss (float32), NaN-proof and winsorised.
       loss_var: running variance of the loss (float32).
       loss_z: z-score of the last step's loss against the statistics before it.
+      steps: steps seen by the guard, skipped or not (int32, saturating).
+      consecutive_nonfinite: steps in a row, up to the last one, whose gradients or loss
+        were not finite (int32).
+      diverged: 1 once ``max_consecutive_nonfinite`` non-finite steps came in a row, and
+        from then on (int32; always 0 without ``max_consecutive_nonfinite``).
+        :func:`adaptx.check` raises on it.
       tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
         step (``TensorFigures``, float32); ``None`` otherwise.
       top_tensor: with ``per_tensor``, the leaf with the largest norm at the last
@@ -60,7 +70,7 @@ class GuardState(NamedTuple):
     """
 
     inner_state: optax.OptState
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     grad_norm: jax.Array
     skipped: jax.Array
     consecutive: jax.Array
@@ -73,6 +83,9 @@ class GuardState(NamedTuple):
     loss_mean: jax.Array
     loss_var: jax.Array
     loss_z: jax.Array
+    steps: jax.Array
+    consecutive_nonfinite: jax.Array
+    diverged: jax.Array
     tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
     top_tensor: jax.Array | None = None
 
@@ -141,9 +154,12 @@ def guard(
     spike_warmup: int = 25,
     loss_z: jax.typing.ArrayLike | None = None,
     loss_alpha: jax.typing.ArrayLike = 0.98,
+    max_grad_norm: jax.typing.ArrayLike | None = None,
+    max_loss: jax.typing.ArrayLike | None = None,
+    max_consecutive_nonfinite: int | None = None,
     axis_name: Any = None,
     per_tensor: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+) -> skip_lib.Honouring:
     r"""Wraps a transformation so that bad steps are skipped, not applied.
 
     A step is skipped when its gradients contain a NaN or an infinity (the global
@@ -162,10 +178,16 @@ def guard(
     all-zero gradient) is applied but not recorded: a warm-up of zeros would give
     :math:`\mu = \sigma = 0`, and every later gradient would be skipped as a spike.
 
+    **Fixed thresholds.** With ``max_grad_norm``, a step whose global gradient norm is
+    above it is skipped (reason 5); with ``max_loss``, a step whose loss is above it
+    (reason 6): the fixed limits of Megatron-LM's and axlearn's skip rules, for a run
+    whose healthy scale is known.
+
     **The loss.** Pass the step's loss in the optax extra-args convention,
     ``tx.update(grads, state, params, value=loss)`` (as
     ``optax.contrib.reduce_on_plateau`` takes it; with ``flax.nnx``,
-    ``optimizer.update(model, grads, value=loss)``). A non-finite loss is then skipped
+    ``optimizer.update(model, grads, value=loss)``), or as ``loss=loss`` (levanter's
+    name); passing both with different values is an error. A non-finite loss is then skipped
     like a non-finite gradient. With ``loss_z``, a loss more than ``loss_z`` standard
     deviations above its running mean is skipped too; the statistics are NaN-proof and
     winsorised (a non-finite loss is never recorded, a spike is recorded as the bound),
@@ -193,6 +215,28 @@ def guard(
     change in scale cannot stall a run forever. Non-finite steps are always skipped:
     applying them would turn every parameter into NaN.
 
+    **A run that cannot recover.** A run whose every step is non-finite learns nothing,
+    silently. With ``max_consecutive_nonfinite`` :math:`n`, after :math:`n` non-finite
+    steps in a row the guard sets ``diverged`` in its state (a telemetry figure, for
+    good); :func:`adaptx.check` on the fetched figures then raises
+    :class:`adaptx.DivergedError`, at the user's logging step, with no host sync of its
+    own.
+
+    **What a guard protects, and what it does not.** It protects the parameters (zero
+    updates) and the optimizer's state. It cannot undo what the forward pass already
+    changed: BatchNorm's running statistics, or any other model state that the step
+    updates outside the optimizer, take in a NaN batch before the guard sees the
+    gradients. Restore those yourself on a skipped step (``GuardState.last_reason != 0``;
+    with Flax NNX, :func:`adaptx.restore_on_skip`).
+
+    **Inside other transforms.** The decision travels to the inner transform as the
+    extra argument ``adaptx_skip`` (a boolean scalar array), so it crosses ``jit``,
+    ``scan``, ``vmap`` and wrappers that forward extra arguments. adaptx transforms
+    (and :func:`adaptx.chain`) keep their own state on a skipped step inside their own
+    pass; for any other inner transform the guard selects every leaf of its state with
+    ``where``, which is always correct but on XLA:CPU copies Adam's moments (selecting
+    with ``lax.cond`` instead costs more still: ``bench/measured/skip_select.md``).
+
     Args:
       inner: the transformation to protect (typically a whole ``optax.chain``).
       skip_nonfinite: skip steps whose gradients (or loss) are not all finite.
@@ -204,6 +248,12 @@ def guard(
       loss_z: skip a step whose loss has a z-score above this (> 0); ``None`` disables
         it. Needs ``value=loss`` at every update.
       loss_alpha: weight on the past of the loss statistics, in [0, 1).
+      max_grad_norm: skip a step whose global gradient norm is above this (> 0);
+        ``None`` disables it.
+      max_loss: skip a step whose loss is above this; ``None`` disables it. Needs the
+        loss at every update.
+      max_consecutive_nonfinite: after this many non-finite steps in a row (>= 1), mark
+        the run as diverged; ``None`` never does.
       axis_name: under ``shard_map``/``pmap``, the axis the gradients are sharded
         over; the norm is reduced across it (and the loss averaged over it) so every
         shard makes the same decision.
@@ -213,7 +263,7 @@ def guard(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`GuardState`.
+      :class:`GuardState`; it honours the decision of a guard around it.
 
     Examples:
       >>> import jax.numpy as jnp, optax, adaptx
@@ -238,79 +288,148 @@ def guard(
       <https://arxiv.org/abs/2504.02507>`_, 2025 (z-score spike detection on the norm).
     """
     fn = "guard"
-    _check_guard_args(fn, inner, skip_nonfinite, spike_z, max_consecutive_skips, loss_z)
-    validate.check_range(
-        fn, "spike_alpha", spike_alpha, low=0.0, high=1.0, high_inclusive=False, example="0.97"
+    cfg = _Config(
+        skip_nonfinite, spike_z, max_consecutive_skips, spike_alpha, spike_warmup, loss_z,
+        loss_alpha, max_grad_norm, max_loss, max_consecutive_nonfinite,
     )
-    validate.check_int(fn, "spike_warmup", spike_warmup, low=1, traced_ok=True, example="25")
-    if loss_z is not None:
-        validate.check_positive(fn, "loss_z", loss_z, example="6.0")
-    validate.check_range(
-        fn, "loss_alpha", loss_alpha, low=0.0, high=1.0, high_inclusive=False, example="0.98"
-    )
+    _check_guard_args(fn, inner, cfg)
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> GuardState:
         return _init_state(inner.init(params), **per_tensor_lib.initial(params, per_tensor))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: GuardState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, GuardState]:
         tu.check_float_leaves(fn, updates)
         norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)
         norm = norm.astype(jnp.float32)
-        finite = jnp.isfinite(norm)
-        no = jnp.zeros([], bool)
-        if max_consecutive_skips is not None:
-            at_limit = state.consecutive >= jnp.asarray(max_consecutive_skips).astype(jnp.int32)
-        else:
-            at_limit = no
-        needs = None if loss_z is None else f"loss_z={loss_z!r}"
+        needs = _loss_needed_by(cfg)
         loss = loss_value.read(fn, extra_args, needed_by=needs, axis_name=axis_name)
-        lv = _judge_loss(loss, state, loss_z, loss_alpha, at_limit)
-        nonfinite = (~finite | lv.nonfinite) if skip_nonfinite else no
-        if spike_z is not None:
-            z = running_stats.zscore(norm, state.norm_mean, state.norm_var)
-            warmed = state.count >= jnp.asarray(spike_warmup).astype(jnp.int32)
-            norm_spike = finite & warmed & (z > tu.as_scalar(spike_z, jnp.float32))
-        else:
-            norm_spike = no
-        spike = norm_spike | lv.spike
-        forced = spike & at_limit
-        skip = nonfinite | (spike & ~forced)
-        out, inner_state = _skip_inner(inner, updates, state, params, extra_args, skip)
+        v = _decide(cfg, state, norm, loss)
+        skip = skip_lib.combine(v.skip, extra_args)  # a guard inside a guard
+        out, inner_state = skip_lib.run(inner, skip, updates, state.inner_state, params, extra_args)
+        new = _record(cfg, state, v, norm, inner_state)
+        new = new._replace(**per_tensor_lib.updated(state, leaf_norms, v.skip))
+        # An outer guard's skip leaves this guard's own figures as they were, too.
+        outer = skip_lib.decision(extra_args)
+        own = {f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
+               for f in new._fields if f != "inner_state"}
+        return out, new._replace(**own)
 
-        count, mean, var = running_stats.record(
-            state.count,
-            state.norm_mean,
-            state.norm_var,
-            norm,
-            alpha=spike_alpha,
-            warmup=spike_warmup,
-            when=finite & (norm > 0) & ~(norm_spike & ~forced),
-        )
-        reason = jnp.select(
-            [~skip, ~finite & skip_nonfinite, lv.nonfinite & skip_nonfinite, norm_spike],
-            [OK, NONFINITE, NONFINITE_LOSS, SPIKE],
-            LOSS_SPIKE,
-        ).astype(jnp.int32)
-        return out, GuardState(
-            inner_state=inner_state,
-            count=count,
-            grad_norm=norm,
-            skipped=tu.count_if(skip, state.skipped),
-            consecutive=jnp.where(skip, tu.safe_increment(state.consecutive), 0).astype(jnp.int32),
-            last_reason=reason,
-            forced=tu.count_if(forced, state.forced),
-            norm_mean=mean,
-            norm_var=var,
-            loss=lv.loss,
-            loss_count=lv.count,
-            loss_mean=lv.mean,
-            loss_var=lv.var,
-            loss_z=lv.z,
-            **per_tensor_lib.updated(state, leaf_norms, skip),
-        )
+    return skip_lib.Honouring(init_fn, update_fn)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+class _Config(NamedTuple):
+    """The guard's settings, as passed to :func:`guard`."""
+
+    skip_nonfinite: bool
+    spike_z: Any
+    max_consecutive_skips: int | None
+    spike_alpha: Any
+    spike_warmup: int
+    loss_z: Any
+    loss_alpha: Any
+    max_grad_norm: Any
+    max_loss: Any
+    max_consecutive_nonfinite: int | None
+
+
+class _Verdict(NamedTuple):
+    """What the guard concluded about one step (see :func:`_decide`)."""
+
+    skip: jax.Array
+    reason: jax.Array
+    finite: jax.Array
+    nonfinite: jax.Array
+    norm_spike: jax.Array
+    forced: jax.Array
+    loss: _LossVerdict
+
+
+def _loss_needed_by(cfg: _Config) -> str | None:
+    if cfg.loss_z is not None:
+        return f"loss_z={cfg.loss_z!r}"
+    if cfg.max_loss is not None:
+        return f"max_loss={cfg.max_loss!r}"
+    return None
+
+
+def _decide(cfg: _Config, state: GuardState, norm: jax.Array, loss: jax.Array | None) -> _Verdict:
+    """Whether to skip this step, and why (``last_reason``'s code)."""
+    no = jnp.zeros([], bool)
+    finite = jnp.isfinite(norm)
+    if cfg.max_consecutive_skips is not None:
+        limit = jnp.asarray(cfg.max_consecutive_skips).astype(jnp.int32)
+        at_limit = state.consecutive >= limit
+    else:
+        at_limit = no
+    lv = _judge_loss(loss, state, cfg.loss_z, cfg.loss_alpha, at_limit)
+    nonfinite = (~finite | lv.nonfinite) if cfg.skip_nonfinite else no
+    if cfg.spike_z is not None:
+        z = running_stats.zscore(norm, state.norm_mean, state.norm_var)
+        warmed = state.count >= jnp.asarray(cfg.spike_warmup).astype(jnp.int32)
+        norm_spike = finite & warmed & (z > tu.as_scalar(cfg.spike_z, jnp.float32))
+    else:
+        norm_spike = no
+    over_norm = no
+    if cfg.max_grad_norm is not None:
+        over_norm = finite & (norm > tu.as_scalar(cfg.max_grad_norm, jnp.float32))
+    over_loss = no
+    if cfg.max_loss is not None and loss is not None:
+        over_loss = jnp.isfinite(loss) & (loss > tu.as_scalar(cfg.max_loss, jnp.float32))
+    spike = norm_spike | lv.spike
+    forced = spike & at_limit
+    skip = nonfinite | over_norm | over_loss | (spike & ~forced)
+    reason = jnp.select(
+        [~skip, nonfinite & ~finite, nonfinite, over_norm, over_loss, norm_spike],
+        [OK, NONFINITE, NONFINITE_LOSS, GRAD_NORM_LIMIT, LOSS_LIMIT, SPIKE],
+        LOSS_SPIKE,
+    ).astype(jnp.int32)
+    return _Verdict(skip, reason, finite, nonfinite, norm_spike, forced, lv)
+
+
+def _record(
+    cfg: _Config, state: GuardState, v: _Verdict, norm: jax.Array, inner_state: Any
+) -> GuardState:
+    """The guard's new state after a step judged by ``v``."""
+    count, mean, var = running_stats.record(
+        state.count,
+        state.norm_mean,
+        state.norm_var,
+        norm,
+        alpha=cfg.spike_alpha,
+        warmup=cfg.spike_warmup,
+        when=v.finite & (norm > 0) & ~(v.norm_spike & ~v.forced),
+    )
+    i32 = jnp.int32
+    streak = jnp.where(v.nonfinite, tu.safe_increment(state.consecutive_nonfinite), 0).astype(i32)
+    diverged = state.diverged
+    if cfg.max_consecutive_nonfinite is not None:
+        limit = jnp.asarray(cfg.max_consecutive_nonfinite).astype(i32)
+        diverged = jnp.maximum(diverged, (streak >= limit).astype(i32))
+    return state._replace(
+        inner_state=inner_state,
+        count=count,
+        grad_norm=norm,
+        skipped=tu.count_if(v.skip, state.skipped),
+        consecutive=jnp.where(v.skip, tu.safe_increment(state.consecutive), 0).astype(i32),
+        last_reason=v.reason,
+        forced=tu.count_if(v.forced, state.forced),
+        norm_mean=mean,
+        norm_var=var,
+        loss=v.loss.loss,
+        loss_count=v.loss.count,
+        loss_mean=v.loss.mean,
+        loss_var=v.loss.var,
+        loss_z=v.loss.z,
+        steps=tu.safe_increment(state.steps),
+        consecutive_nonfinite=streak,
+        diverged=diverged,
+    )
 
 
 def _init_state(inner_state: optax.OptState, **per_tensor_fields) -> GuardState:
@@ -333,55 +452,52 @@ def _init_state(inner_state: optax.OptState, **per_tensor_fields) -> GuardState:
         loss_mean=scalar(),
         loss_var=scalar(),
         loss_z=scalar(),
+        steps=scalar(i32),
+        consecutive_nonfinite=scalar(i32),
+        diverged=scalar(i32),
         **per_tensor_fields,
     )
 
 
-def _check_guard_args(fn, inner, skip_nonfinite, spike_z, max_consecutive_skips, loss_z) -> None:
+def _check_guard_args(fn: str, inner: Any, cfg: _Config) -> None:
     if not hasattr(inner, "init") or not hasattr(inner, "update"):
         raise ValueError(
             f"{fn}: `inner` must be an optax GradientTransformation, got inner={inner!r}. "
             "Pass e.g. inner=adaptx.adamw(1e-3)."
         )
-    if spike_z is not None:
-        validate.check_positive(fn, "spike_z", spike_z, example="6.0")
-    validate.check_int(
-        fn,
-        "max_consecutive_skips",
-        max_consecutive_skips,
-        low=1,
-        allow_none=True,
-        traced_ok=True,
-        example="10",
-    )
-    if not isinstance(skip_nonfinite, bool):
+    if not isinstance(cfg.skip_nonfinite, bool):
         raise ValueError(
-            f"{fn}: `skip_nonfinite` must be a bool, got skip_nonfinite={skip_nonfinite!r}. "
+            f"{fn}: `skip_nonfinite` must be a bool, got skip_nonfinite={cfg.skip_nonfinite!r}. "
             "Pass e.g. skip_nonfinite=True."
         )
-    if not skip_nonfinite and spike_z is None and loss_z is None:
-        raise ValueError(
-            f"{fn}: nothing to guard against: skip_nonfinite=False, spike_z=None and "
-            "loss_z=None. Pass e.g. skip_nonfinite=True."
+    for name, value, example in (
+        ("spike_z", cfg.spike_z, "6.0"),
+        ("loss_z", cfg.loss_z, "6.0"),
+        ("max_grad_norm", cfg.max_grad_norm, "100.0"),
+    ):
+        if value is not None:
+            validate.check_positive(fn, name, value, example=example)
+    if cfg.max_loss is not None:
+        validate.check_range(fn, "max_loss", cfg.max_loss, example="20.0")
+    for name, value, example in (
+        ("max_consecutive_skips", cfg.max_consecutive_skips, "10"),
+        ("max_consecutive_nonfinite", cfg.max_consecutive_nonfinite, "100"),
+    ):
+        validate.check_int(
+            fn, name, value, low=1, allow_none=True, traced_ok=True, example=example
         )
-
-
-def _skip_inner(inner, updates, state, params, extra_args, skip):
-    """Runs ``inner`` and returns (zero updates, old inner state) where ``skip`` holds.
-
-    adaptx transforms inside select their own full-size state in their fused update
-    (see adaptx._core.skip); every other leaf is selected here. Select, never multiply:
-    0 * NaN is NaN. Inside another guard, the inner state is also kept when the outer
-    one skips, so that one need not select it again.
-    """
-    outer = skip_lib.from_extra_args(extra_args)
-    signal = skip_lib.SkipSignal(skip if outer is None else skip | outer.flag)
-    extra_args = {**extra_args, skip_lib.KEY: signal}
-    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-    inner_state = jax.tree.map(
-        lambda new, old: signal.select(old, new), new_inner, state.inner_state
+    validate.check_range(
+        fn, "spike_alpha", cfg.spike_alpha, low=0.0, high=1.0, high_inclusive=False,
+        example="0.97",
     )
-    if outer is not None:
-        jax.tree.map(outer.keep, state.inner_state, inner_state)
-    out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-    return out, inner_state
+    validate.check_int(fn, "spike_warmup", cfg.spike_warmup, low=1, traced_ok=True, example="25")
+    validate.check_range(
+        fn, "loss_alpha", cfg.loss_alpha, low=0.0, high=1.0, high_inclusive=False,
+        example="0.98",
+    )
+    checks = (cfg.spike_z, cfg.loss_z, cfg.max_grad_norm, cfg.max_loss)
+    if not cfg.skip_nonfinite and all(c is None for c in checks):
+        raise ValueError(
+            f"{fn}: nothing to guard against: skip_nonfinite=False and no spike_z, loss_z, "
+            "max_grad_norm or max_loss. Pass e.g. skip_nonfinite=True."
+        )

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
@@ -101,7 +102,7 @@ def dynamic_loss_scale(
         )
     wrapped = None if inner is None else optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> DynamicLossScaleState:
         return DynamicLossScaleState(
             scale=tu.as_scalar(init_scale, jnp.float32),
             good_steps=jnp.zeros([], jnp.int32),
@@ -109,18 +110,23 @@ def dynamic_loss_scale(
             inner_state=optax.EmptyState() if wrapped is None else wrapped.init(params),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: DynamicLossScaleState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, DynamicLossScaleState]:
         tu.check_float_leaves(fn, updates)
         finite = jnp.isfinite(tu.sum_of_squares(updates))
         grads = tu.scale(updates, 1.0 / state.scale)
+        outer = skip_lib.decision(extra_args)
+        skip = skip_lib.combine(~finite, extra_args)  # an overflow, or a guard's skip around
         if wrapped is None:
-            new_updates, inner_state = grads, state.inner_state
+            out, inner_state = skip_lib.zeros_if(skip, grads), state.inner_state
         else:
-            new_updates, new_inner = wrapped.update(grads, state.inner_state, params, **extra_args)
-            inner_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
+            out, inner_state = skip_lib.run(
+                wrapped, skip, grads, state.inner_state, params, extra_args
             )
-        out = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
 
         f = tu.as_scalar(factor, jnp.float32)
         good = jnp.where(finite, tu.safe_increment(state.good_steps), 0)
@@ -128,14 +134,17 @@ def dynamic_loss_scale(
         grown = jnp.where(grow, state.scale * f, state.scale)
         grown = jnp.where(jnp.isfinite(grown), grown, state.scale)
         backed_off = jnp.maximum(state.scale / f, tu.as_scalar(min_scale, jnp.float32))
-        return out, DynamicLossScaleState(
+        new = DynamicLossScaleState(
             scale=jnp.where(finite, grown, backed_off).astype(jnp.float32),
             good_steps=jnp.where(grow, 0, good).astype(jnp.int32),
             skipped=tu.count_if(~finite, state.skipped),
             inner_state=inner_state,
         )
+        own = {f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
+               for f in ("scale", "good_steps", "skipped")}
+        return out, new._replace(**own)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.Honouring(init_fn, update_fn)
 
 
 def loss_scale(opt_state: Any) -> jax.Array:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adaptx._core import loss_value, robust_stats, validate
+from adaptx._core import skip as skip_lib
 from adaptx._core import tree as tu
 from adaptx._core.telemetry import reports
 
@@ -48,7 +49,7 @@ def rewind(
     snapshot_every: int = 50,
     warmup: int = 20,
     alpha: jax.typing.ArrayLike = 0.98,
-) -> optax.GradientTransformationExtraArgs:
+) -> skip_lib.Honouring:
     r"""Wraps an optimizer so that a diverging loss sends the run back to its last good state.
 
     Every ``snapshot_every`` healthy steps the parameters and the inner state are copied.
@@ -113,7 +114,7 @@ def rewind(
     )
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> RewindState:
         inner_state = inner.init(params)
         copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 - buffers of their own
         i32 = jnp.int32
@@ -129,12 +130,24 @@ def rewind(
             loss_var=jnp.zeros([], jnp.float32),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: RewindState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, RewindState]:
         validate.require_params(fn, params)
         loss = loss_value.read(fn, extra_args, needed_by="rewinding")
+        assert loss is not None  # needed_by raises when there is none
         ready = state.loss_count >= warmup
         bad = ~jnp.isfinite(loss) | (ready & (loss > loss_factor * state.loss_mean))
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        # The inner transform skips a bad step (it is restored from the snapshot below),
+        # and any step a guard around this one skips.
+        outer = skip_lib.decision(extra_args)
+        skip = skip_lib.combine(bad, extra_args)
+        new_updates, new_inner = skip_lib.held(
+            inner, skip, updates, state.inner_state, params, extra_args
+        )
         back = jax.tree.map(lambda g, p: (g - p).astype(p.dtype), state.good_params, params)
         scale = state.lr_scale
         out = jax.tree.map(
@@ -151,7 +164,7 @@ def rewind(
         count, mean, var = robust_stats.record(
             state.loss_count, state.loss_mean, state.loss_var, loss, alpha=alpha, when=~bad
         )
-        return out, RewindState(
+        new = RewindState(
             inner_state=inner_state,
             good_params=good_params,
             good_inner=good_inner,
@@ -162,5 +175,7 @@ def rewind(
             loss_mean=mean,
             loss_var=var,
         )
+        # Under a guard's skip, nothing moves: no update, no rewind, the state as it was.
+        return skip_lib.zeros_if(outer, out), skip_lib.select_state(outer, state, new)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.Honouring(init_fn, update_fn)

@@ -29,9 +29,7 @@ def ema(
     decay: jax.typing.ArrayLike,
     debias: bool = True,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
-    *,
-    dtype: jax.typing.DTypeLike | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> skip_lib.Honouring:
     r"""Exponential moving average of the updates, optionally bias-corrected.
 
     .. math::
@@ -46,7 +44,6 @@ def ema(
       decay: :math:`\beta \in [0, 1)`.
       debias: divide by :math:`1-\beta^t` so early averages are not biased to zero.
       accumulator_dtype: storage dtype of the average (default: the parameter's dtype).
-      dtype: former name of ``accumulator_dtype``; give one or the other.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -64,22 +61,15 @@ def ema(
     """
     fn = "ema"
     validate.check_decay(fn, "decay", decay)
-    if dtype is not None and accumulator_dtype is not None:
-        raise ValueError(
-            f"{fn}: `dtype` is the former name of `accumulator_dtype`; pass only one, got "
-            f"dtype={dtype!r} and accumulator_dtype={accumulator_dtype!r}."
-        )
-    name = "dtype" if dtype is not None else "accumulator_dtype"
-    dtype = dtype if dtype is not None else accumulator_dtype
-    validate.check_dtype(fn, name, dtype)
-    dtype = tu.canonical_dtype(dtype)
+    validate.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+    dtype = tu.canonical_dtype(accumulator_dtype)
 
     def init_fn(params):
         return EmaState(count=jnp.zeros([], jnp.int32), ema=tu.zeros_like(params, dtype=dtype))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        signal = skip_lib.from_extra_args(extra_args)
+        skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.ema, "updates", "state.ema", shapes=True)
         count = tu.safe_increment(state.count)
@@ -89,11 +79,11 @@ def ema(
         def leaf(g, e):
             acc = tu.compute_dtype(g.dtype, e.dtype)
             b = beta.astype(acc)
-            e_ = skip_lib.hold(signal, e, (1 - b) * g.astype(acc) + b * e.astype(acc))
-            u = skip_lib.silence(signal, e_ * k.astype(acc))
-            return u.astype(g.dtype), skip_lib.kept(signal, e, tu.to_storage(e_, e.dtype))
+            e_ = skip_lib.hold(skip, e, (1 - b) * g.astype(acc) + b * e.astype(acc))
+            u = skip_lib.silence(skip, e_ * k.astype(acc))
+            return u.astype(g.dtype), tu.to_storage(e_, e.dtype)
 
         u, avg = tu.unzip(jax.tree.map(leaf, updates, state.ema), updates, 2)
-        return u, EmaState(count=count, ema=avg)
+        return u, EmaState(count=skip_lib.hold(skip, state.count, count), ema=avg)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.Honouring(init_fn, update_fn)

@@ -71,7 +71,7 @@ def momentum(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        signal = skip_lib.from_extra_args(extra_args)
+        skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.trace, "updates", "state.trace", shapes=True)
         mu = tu.as_scalar(decay, jnp.float32)
@@ -79,11 +79,11 @@ def momentum(
         def leaf(g, b):
             acc = tu.compute_dtype(g.dtype, b.dtype)
             g_, m = g.astype(acc), mu.astype(acc)
-            b_ = skip_lib.hold(signal, b, g_ + m * b.astype(acc))
-            u = skip_lib.silence(signal, g_ + m * b_ if nesterov else b_)
-            return u.astype(g.dtype), skip_lib.kept(signal, b, tu.to_storage(b_, b.dtype))
+            b_ = skip_lib.hold(skip, b, g_ + m * b.astype(acc))
+            u = skip_lib.silence(skip, g_ + m * b_ if nesterov else b_)
+            return u.astype(g.dtype), tu.to_storage(b_, b.dtype)
 
         u, trace = tu.unzip(jax.tree.map(leaf, updates, state.trace), updates, 2)
         return u, MomentumState(trace=trace)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.Honouring(init_fn, update_fn)

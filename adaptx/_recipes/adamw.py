@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from adaptx._chain import chain
 from adaptx._core import validate
 from adaptx._recipes.common import check_learning_rate, decay_and_step, optional_clip
 from adaptx._scaling.adam import scale_by_adam
@@ -102,7 +103,7 @@ def adamw(
     validate.check_nonnegative(fn, "eps_root", eps_root, example="0.0")
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
-    return optax.chain(
+    return chain(
         optional_clip(max_norm, per_tensor, "adamw"),
         scale_by_adam(
             b1,
@@ -120,11 +121,11 @@ def adamw(
 
 def adam_atan2(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
-    *,
     a: jax.typing.ArrayLike = 1.27,
     b: jax.typing.ArrayLike = 1.0,
     max_norm: jax.typing.ArrayLike | None = None,
@@ -189,7 +190,7 @@ def adam_atan2(
     check_learning_rate(fn, learning_rate)
     if max_norm is not None:
         validate.check_nonnegative(fn, "max_norm", max_norm)
-    return optax.chain(
+    return chain(
         optional_clip(max_norm, per_tensor, "adam_atan2"),
         scale_by_adam_atan2(
             b1,

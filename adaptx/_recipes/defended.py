@@ -9,6 +9,7 @@ import jax
 import optax
 
 from adaptx._clipping.spike_clip import clip_spikes
+from adaptx._chain import chain
 from adaptx._core import validate
 from adaptx._guards.guard import guard
 from adaptx._recipes.common import decay_and_step
@@ -27,11 +28,11 @@ def _check_adam(
 
 def stable_adamw(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.2,
-    *,
     update_rms_clip: jax.typing.ArrayLike = 1.0,
     mask: Mask = None,
     pack_small_leaves: int | None = None,
@@ -82,7 +83,7 @@ def stable_adamw(
     fn = "stable_adamw"
     _check_adam(fn, b1, b2, eps)
     validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
-    return optax.chain(
+    return chain(
         scale_by_adam(
             b1,
             b2,
@@ -97,11 +98,11 @@ def stable_adamw(
 
 def spam(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    *,
     spike_threshold: jax.typing.ArrayLike = 5000.0,
     reset_interval: int | None = 500,
     reset_warmup: int = 150,
@@ -160,7 +161,7 @@ def spam(
     fn = "spam"
     _check_adam(fn, b1, b2, eps)
     validate.check_positive(fn, "spike_threshold", spike_threshold, example="5000.0")
-    return optax.chain(
+    return chain(
         scale_by_adam(
             b1,
             b2,
@@ -177,11 +178,11 @@ def spam(
 
 def robust_adamw(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
-    *,
     clip_z: jax.typing.ArrayLike = 6.0,
     clip_ratio: jax.typing.ArrayLike = 4.0,
     clip_alpha: jax.typing.ArrayLike = 0.95,
@@ -242,9 +243,9 @@ def robust_adamw(
     10x rise of the norm is absorbed within a bounded number of steps. ZClip's paper
     defaults (``adaptx.zclip``) flag far more healthy steps, and are kept as they are.
 
-    clip_spikes tells Adam that its output is a scalar times the gradient, so the
-    update-RMS reduction reads the gradient itself and the step needs no full-size
-    temporary (the numbers are those of the plain chain, to rounding).
+    The chain is an :func:`adaptx.chain`: the clip's scale is folded into Adam's pass, so
+    the update-RMS reduction reads the gradient itself and the step needs no full-size
+    temporary; ``optax.chain`` of the same parts gives the same numbers (to rounding).
 
     Args:
       learning_rate: :math:`\eta`, a number or an optax schedule.
@@ -301,7 +302,7 @@ def robust_adamw(
     _check_adam(fn, b1, b2, eps)
     if update_rms_clip is not None:
         validate.check_positive(fn, "update_rms_clip", update_rms_clip, example="1.0")
-    inner = optax.chain(
+    inner = chain(
         clip_spikes(
             clip_z,
             clip_ratio,

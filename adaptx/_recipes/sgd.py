@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from adaptx._chain import chain
 from adaptx._core import validate
 from adaptx._momentum.momentum import momentum as momentum_tx
 from adaptx._recipes.common import check_learning_rate, optional_clip
@@ -68,7 +69,7 @@ def sgd(
     use_momentum = momentum is not None and not (
         isinstance(momentum, int | float) and momentum == 0
     )
-    return optax.chain(
+    return chain(
         optional_clip(max_norm, per_tensor, "sgd"),
         momentum_tx(momentum, nesterov=nesterov, dtype=accumulator_dtype)
         if use_momentum

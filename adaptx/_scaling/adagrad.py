@@ -74,7 +74,7 @@ def scale_by_adagrad(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        signal = skip_lib.from_extra_args(extra_args)
+        skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.sum_of_squares, "updates", "state", shapes=True)
         e = tu.as_scalar(eps, jnp.float32)
@@ -82,13 +82,13 @@ def scale_by_adagrad(
         def leaf(g, s):
             acc = tu.compute_dtype(g.dtype, s.dtype)
             g_ = g.astype(acc)
-            s_ = skip_lib.hold(signal, s, s.astype(acc) + tu.abs_sq(g_).astype(acc))
+            s_ = skip_lib.hold(skip, s, s.astype(acc) + tu.abs_sq(g_).astype(acc))
             pos = jnp.real(s_) > 0  # G is real (a complex G has a zero imaginary part)
             u = jnp.where(pos, g_ * jax.lax.rsqrt(s_ + e.astype(acc)), jnp.zeros([], acc))
-            u = skip_lib.silence(signal, u)
-            return u.astype(g.dtype), skip_lib.kept(signal, s, tu.to_storage(s_, s.dtype))
+            u = skip_lib.silence(skip, u)
+            return u.astype(g.dtype), tu.to_storage(s_, s.dtype)
 
         u, sos = tu.unzip(jax.tree.map(leaf, updates, state.sum_of_squares), updates, 2)
         return u, ScaleByAdagradState(sum_of_squares=sos)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.Honouring(init_fn, update_fn)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._core.telemetry import reports
 from adaptx._scaling import adam_engine as engine
+from adaptx._scaling import adam_family as family
 from adaptx._scaling import spam, update_rms
 
 
@@ -41,28 +43,22 @@ class ScaleByAdamState(NamedTuple):
         the last step (float32; 0 when update clipping is off).
       momentum_scale: SPAM's post-reset warm-up factor applied at the last step
         (float32; 1 outside a warm-up).
-      offsets: with ``pack_small_leaves``, each packed leaf's start in the flat
-        buffers (int32 arrays of shape [1]); empty otherwise.
       tensor_update_rms: with ``per_tensor`` (and update clipping), each leaf's update
         RMS ratio at the last step (``TensorFigures``, float32); ``None`` otherwise.
       top_tensor: with ``per_tensor``, the leaf with the largest ratio at the last step
         that clipped any (int32 index into ``tensor_update_rms``; -1 before any).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: optax.Updates
     nu: optax.Updates
     spikes: jax.Array | None = None
     update_clipped: jax.Array | None = None
     max_update_rms: jax.Array | None = None
     momentum_scale: jax.Array | None = None
-    offsets: tuple = ()
     tensor_update_rms: per_tensor_lib.TensorFigures | None = None
     top_tensor: jax.Array | None = None
 
-
-#: Former name of :class:`ScaleByAdamState` with the defense figures; the same class.
-ScaleByAdamGuardedState = ScaleByAdamState
 
 _NO_COMPLEX_FORM = (
     "SPAM's spike clip and momentum reset (spike_threshold, reset_interval) and "
@@ -166,7 +162,7 @@ def scale_by_adam(
     sharding ``init`` cannot see that, so call it outside ``jit`` or under
     ``jax.set_mesh``. Code that expects the moments shaped like the parameters (a
     checkpoint of an unpacked state, ``optax.tree_map_params``) sees a ``PackedTree``;
-    ``state.mu.unpacked(state.offsets, params)`` gives the per-leaf view.
+    ``state.mu.unpacked(params)`` gives the per-leaf view.
 
     Args:
       b1: decay :math:`\beta_1 \in [0, 1)` of the first moment.
@@ -246,20 +242,21 @@ def scale_by_adam(
             "per_tensor=False."
         )
     defended = any(x is not None for x in (spike_threshold, reset_interval, update_rms_clip))
-    moments, scalars = _moment_rule(spike_threshold, reset_interval, reset_warmup, spike_start)
     method = adam_method(
         fn,
         eps,
         eps_root,
         nesterov=nesterov,
-        moments=moments,
-        scalars=scalars,
+        rule=_moment_rule(spike_threshold, reset_interval, reset_warmup, spike_start),
         reduction=None if update_rms_clip is None else update_rms.reduction(update_rms_clip, eps),
         changes_grad=spike_threshold is not None,
+        no_complex=_NO_COMPLEX_FORM if defended else None,
     )
 
-    def make_state(moments: engine.Moments, step: engine.Step | None, context) -> ScaleByAdamState:
-        state = ScaleByAdamState(moments.count, moments.mu, moments.nu, offsets=moments.offsets)
+    def make_state(
+        moments: engine.Moments, step: engine.Step | None, context: Any
+    ) -> ScaleByAdamState:
+        state = ScaleByAdamState(moments.count, moments.mu, moments.nu)
         if not defended:
             return state
         if step is None:  # context: the params
@@ -280,7 +277,7 @@ def scale_by_adam(
             **per_tensor_lib.updated(context, figures, step.exceeded > 0, "tensor_update_rms"),
         )
 
-    tx = engine.transformation(
+    return family.transformation(
         method,
         b1,
         b2,
@@ -289,7 +286,17 @@ def scale_by_adam(
         pack_small_leaves=pack_small_leaves,
         make_state=make_state,
     )
-    return tu.refuse_complex(tx, fn, _NO_COMPLEX_FORM) if defended else tx
+
+
+class _Rule(NamedTuple):
+    """A moment rule with its own scalars and step scale (Adam's, or SPAM's)."""
+
+    moments: engine.MomentRule
+    scalars: Callable[[jax.Array], Any]
+    step_scale: Callable[[jax.Array], jax.Array] | None
+
+
+_ADAM_RULE = _Rule(engine.ema_moments, engine.no_scalars, None)
 
 
 def adam_method(
@@ -298,10 +305,10 @@ def adam_method(
     eps_root: jax.typing.ArrayLike,
     *,
     nesterov: bool = False,
-    moments=engine.ema_moments,
-    scalars=engine.no_scalars,
+    rule: _Rule = _ADAM_RULE,
     reduction: engine.Reduction | None = None,
     changes_grad: bool = False,
+    no_complex: str | None = None,
 ) -> engine.Method:
     r"""Adam's step as an engine method.
 
@@ -309,26 +316,33 @@ def adam_method(
     """
     e, e_root = tu.as_scalar(eps, jnp.float32), tu.as_scalar(eps_root, jnp.float32)
 
-    def direction(k: dict, m_hat: jax.Array, v_hat: jax.Array) -> jax.Array:
+    def direction(k: engine.Scalars, m_hat: jax.Array, v_hat: jax.Array) -> jax.Array:
         acc = m_hat.dtype
         return m_hat / (jnp.sqrt(v_hat + e_root.astype(acc)) + e.astype(acc))
 
     return engine.Method(
         name=fn,
-        scalars=scalars,
-        moments=moments,
+        scalars=rule.scalars,
+        moments=rule.moments,
         direction=direction,
         reduction=reduction,
         changes_grad=changes_grad,
         nesterov=nesterov,
+        step_scale=rule.step_scale,
+        no_complex=no_complex,
     )
 
 
-def _moment_rule(spike_threshold, reset_interval, reset_warmup, spike_start):
-    """(moments, scalars) of Adam, or of SPAM when its clip or reset is on."""
+def _moment_rule(
+    spike_threshold: Any, reset_interval: int | None, reset_warmup: int, spike_start: int
+) -> _Rule:
+    """Adam's moment rule, or SPAM's when its clip or reset is on."""
     if spike_threshold is None and reset_interval is None:
-        return engine.ema_moments, engine.no_scalars
-    return (
+        return _ADAM_RULE
+    return _Rule(
         spam.moments(spike=spike_threshold is not None, reset=reset_interval is not None),
         spam.scalars(spike_threshold, reset_interval, reset_warmup, spike_start),
+        None
+        if reset_interval is None
+        else spam.step_scale(reset_interval, reset_warmup, spike_start),
     )

@@ -2,7 +2,7 @@ r"""Adam-atan2: Adam's step read off the moments with ``atan2``, with no epsilon
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import optax
 from adaptx._core import tree as tu
 from adaptx._core import validate
 from adaptx._scaling import adam_engine as engine
+from adaptx._scaling import adam_family as family
 
 
 class ScaleByAdamAtan2State(NamedTuple):
@@ -20,14 +21,11 @@ class ScaleByAdamAtan2State(NamedTuple):
       count: number of updates applied so far (int32, saturating).
       mu: first-moment estimate, in ``mu_dtype`` (packed with ``pack_small_leaves``).
       nu: second-moment estimate, in ``nu_dtype`` (likewise).
-      offsets: with ``pack_small_leaves``, each packed leaf's start in the flat
-        buffers; empty otherwise.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: optax.Updates
     nu: optax.Updates
-    offsets: tuple = ()
 
 
 def scale_by_adam_atan2(
@@ -102,7 +100,7 @@ def scale_by_adam_atan2(
     validate.check_positive(fn, "b", b, example="1.0")
     a_, b_ = tu.as_scalar(a, jnp.float32), tu.as_scalar(b, jnp.float32)
 
-    def direction(k: dict, m_hat: jax.Array, v_hat: jax.Array) -> jax.Array:
+    def direction(k: engine.Scalars, m_hat: jax.Array, v_hat: jax.Array) -> jax.Array:
         acc = m_hat.dtype
         return a_.astype(acc) * jnp.arctan2(m_hat, b_.astype(acc) * jnp.sqrt(v_hat))
 
@@ -112,13 +110,16 @@ def scale_by_adam_atan2(
         moments=engine.ema_moments,
         direction=direction,
         nesterov=nesterov,
+        no_complex="atan2 has no complex form (it takes real arguments)",
     )
 
-    def make_state(moments: engine.Moments, step, context) -> ScaleByAdamAtan2State:
+    def make_state(
+        moments: engine.Moments, step: engine.Step | None, context: Any
+    ) -> ScaleByAdamAtan2State:
         del step, context
-        return ScaleByAdamAtan2State(moments.count, moments.mu, moments.nu, moments.offsets)
+        return ScaleByAdamAtan2State(moments.count, moments.mu, moments.nu)
 
-    tx = engine.transformation(
+    return family.transformation(
         method,
         b1,
         b2,
@@ -127,4 +128,3 @@ def scale_by_adam_atan2(
         pack_small_leaves=pack_small_leaves,
         make_state=make_state,
     )
-    return tu.refuse_complex(tx, fn, "atan2 has no complex form (it takes real arguments)")

@@ -89,7 +89,7 @@ def scale_by_rms(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        signal = skip_lib.from_extra_args(extra_args)
+        skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)
         tu.check_same_structure(fn, updates, state.nu, "updates", "state.nu", shapes=True)
         f32 = jnp.float32
@@ -101,16 +101,16 @@ def scale_by_rms(
         def leaf(g, v):
             acc = tu.compute_dtype(g.dtype, v.dtype)
             g_, r = g.astype(acc), rho.astype(acc)
-            v_ = skip_lib.hold(signal, v, (1 - r) * tu.abs_sq(g_).astype(acc) + r * v.astype(acc))
+            v_ = skip_lib.hold(skip, v, (1 - r) * tu.abs_sq(g_).astype(acc) + r * v.astype(acc))
             v_hat = v_ * inv_bc.astype(acc) if bias_correction else v_
             if eps_in_sqrt:
                 u = g_ * jax.lax.rsqrt(v_hat + e.astype(acc))
             else:
                 u = g_ / (jnp.sqrt(v_hat) + e.astype(acc))
-            u = skip_lib.silence(signal, u)
-            return u.astype(g.dtype), skip_lib.kept(signal, v, tu.to_storage(v_, v.dtype))
+            u = skip_lib.silence(skip, u)
+            return u.astype(g.dtype), tu.to_storage(v_, v.dtype)
 
         u, nu = tu.unzip(jax.tree.map(leaf, updates, state.nu), updates, 2)
-        return u, ScaleByRmsState(count=count, nu=nu)
+        return u, ScaleByRmsState(count=skip_lib.hold(skip, state.count, count), nu=nu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return skip_lib.Honouring(init_fn, update_fn)

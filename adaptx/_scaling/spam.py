@@ -7,11 +7,29 @@ the math is in that function's docstring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from adaptx._core import backend, packing
 from adaptx._core import tree as tu
+from adaptx._scaling.adam_engine import MomentRule, Scalars
+
+
+class SpamScalars(NamedTuple):
+    """SPAM's own per-step scalars (``Scalars.own``).
+
+    Attributes:
+      keep: 1, or 0 at a reset step (the moments restart from zero).
+      spike_on: whether the spike clip is active at this step.
+      theta: the spike threshold, or ``None`` without the clip.
+    """
+
+    keep: jax.Array
+    spike_on: jax.Array
+    theta: jax.Array | None
 
 
 def scalars(
@@ -19,44 +37,49 @@ def scalars(
     reset_interval: int | None,
     warmup: int,
     spike_start: int,
-):
-    """``count -> dict``: SPAM's per-step scalars for the engine.
+) -> Callable[[jax.Array], SpamScalars]:
+    """``count -> SpamScalars``: SPAM's per-step scalars for the engine."""
 
-    ``keep`` (1, or 0 at a reset step), ``spike_on`` (the clip is active), ``theta``, and
-    ``step_scale``, the warm-up factor after a reset, when resets are on.
-    """
-
-    def fn(count: jax.Array) -> dict:
-        keep, on, warm = schedule(count, reset_interval, warmup, spike_start)
-        k = {"keep": keep, "spike_on": on}
-        if spike_threshold is not None:
-            k["theta"] = tu.as_scalar(spike_threshold, jnp.float32)
-        if reset_interval is not None:
-            k["step_scale"] = warm
-        return k
+    def fn(count: jax.Array) -> SpamScalars:
+        keep, on, _ = schedule(count, reset_interval, warmup, spike_start)
+        theta = None if spike_threshold is None else tu.as_scalar(spike_threshold, jnp.float32)
+        return SpamScalars(keep, on, theta)
 
     return fn
 
 
-def moments(spike: bool, reset: bool):
+def step_scale(
+    reset_interval: int, warmup: int, spike_start: int
+) -> Callable[[jax.Array], jax.Array]:
+    """``count -> scalar``: the warm-up factor on the step after each reset."""
+
+    def fn(count: jax.Array) -> jax.Array:
+        return schedule(count, reset_interval, warmup, spike_start)[2]
+
+    return fn
+
+
+def moments(spike: bool, reset: bool) -> MomentRule:
     """The per-element moment rule: reset (``reset``), then clip spikes (``spike``)."""
 
-    def fn(k: dict, g: jax.Array, m: jax.Array, v: jax.Array):
+    def fn(
+        k: Scalars, g: jax.Array, m: jax.Array, v: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         acc = g.dtype
-        b1, b2 = k["b1"].astype(acc), k["b2"].astype(acc)
+        own: SpamScalars = k.own
+        b1, b2 = k.b1.astype(acc), k.b2.astype(acc)
         if reset:  # moments restart from zero at a reset step
-            m = m * k["keep"].astype(acc)
-            v = v * k["keep"].astype(acc)
+            m = m * own.keep.astype(acc)
+            v = v * own.keep.astype(acc)
         g_sq = g * g
         if not spike:
             return g, (1 - b1) * g + b1 * m, (1 - b2) * g_sq + b2 * v, jnp.zeros([], jnp.int32)
-        theta = k["theta"].astype(acc)
+        assert own.theta is not None
+        theta = own.theta.astype(acc)
         # An element with no second-moment history (v = 0: never seen a nonzero gradient,
-        # e.g. an embedding row) has no reference and is not clipped. The mask is written
-        # out once (one byte per element): the count and both moments read it, so no
-        # kernel needs v_{t-1} after v is updated in place, and XLA does not copy v.
-        is_spike = jax.lax.optimization_barrier(k["spike_on"] & (v > 0) & (g_sq > theta * v))
-        n_spikes = count_true(is_spike)
+        # e.g. an embedding row) has no reference and is not clipped.
+        is_spike = backend.spike_mask(own.spike_on & (v > 0) & (g_sq > theta * v))
+        n_spikes = backend.count_true(is_spike, splittable=not packing.is_sharded(is_spike))
         # A clipped element enters v as its bound theta v_{t-1}, so then
         # v_t = (b2 + (1 - b2) theta) v_{t-1}, and the bound the first moment needs,
         # sqrt(theta v_{t-1}), is sqrt(theta v_t / (b2 + (1 - b2) theta)).
@@ -67,19 +90,6 @@ def moments(spike: bool, reset: bool):
         return g, (1 - b1) * g + b1 * m, v, n_spikes
 
     return fn
-
-
-def count_true(mask: jax.Array, row: int = 64) -> jax.Array:
-    """Number of true entries of a boolean array, as int32.
-
-    On XLA:CPU, summed first in rows of ``row`` elements in int8 (no row sum can
-    overflow), then the row sums in int32: XLA:CPU writes a widened copy of the mask
-    before reducing it, and this way the copy has one byte per element rather than
-    four. Other backends reduce the mask directly.
-    """
-    if not backend.on_cpu() or mask.size % row or packing.is_sharded(mask):
-        return jnp.sum(mask, dtype=jnp.int32)
-    return jnp.sum(jnp.sum(mask.reshape(-1, row), axis=1, dtype=jnp.int8), dtype=jnp.int32)
 
 
 def schedule(

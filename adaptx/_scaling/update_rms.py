@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from adaptx._core import tree as tu
-from adaptx._scaling.adam_engine import Reduction
+from adaptx._scaling.adam_engine import Reduction, Scalars
 
 
 def reduction(d: jax.typing.ArrayLike, eps: jax.typing.ArrayLike) -> Reduction:
@@ -26,19 +26,19 @@ def reduction(d: jax.typing.ArrayLike, eps: jax.typing.ArrayLike) -> Reduction:
     d = tu.as_scalar(d, jnp.float32)
     e = tu.as_scalar(eps, jnp.float32)
 
-    def terms(k: dict, g: jax.Array, v: jax.Array) -> jax.Array:
+    def terms(k: Scalars, g: jax.Array, v: jax.Array) -> jax.Array:
         acc = g.dtype
-        floor = jnp.maximum(v, k["bc2"].astype(acc) * (e.astype(acc) * e.astype(acc)))
+        floor = jnp.maximum(v, k.bc2.astype(acc) * (e.astype(acc) * e.astype(acc)))
         return g * (g / floor)
 
-    def weight(k: dict) -> jax.Array:
-        return k["bc2"]
+    def weight(k: Scalars) -> jax.Array:
+        return k.bc2
 
-    def factor(k: dict, rms: jax.Array) -> jax.Array:
+    def factor(k: Scalars, rms: jax.Array) -> jax.Array:
         del k
         return 1 / jnp.maximum(jnp.ones([], rms.dtype), rms / d.astype(rms.dtype))
 
-    def exceeded(k: dict, rms: jax.Array) -> jax.Array:
+    def exceeded(k: Scalars, rms: jax.Array) -> jax.Array:
         del k
         return rms > d
 
