@@ -9,8 +9,9 @@ PY ?= .venv/bin/python
 setup: .venv
 	.venv/bin/pip install -e ".[all]"
 
+# The README's second command (and the first steps of .ci/run), one step per line.
 test: .venv
-	.venv/bin/pip install -q -e ".[test]"
+	.venv/bin/pip install -e ".[test]"
 	$(PY) -m pytest -n 2 -q
 
 lint:

@@ -112,7 +112,7 @@ def telemetry(opt_state: Any, per_tensor: bool = False) -> dict[str, jax.Array]:
       >>> params = {"w": jnp.zeros(2)}
       >>> state = tx.init(params)
       >>> _, state = tx.update({"w": jnp.array([6.0, 8.0])}, state)
-      >>> {k: float(v) for k, v in adaptx.telemetry(state).items()}
+      >>> {k: round(float(v), 4) for k, v in adaptx.telemetry(state).items()}
       {'clip_by_global_norm/grad_norm': 10.0, 'clip_by_global_norm/scale': 0.1}
     """
     states = find_states(opt_state)

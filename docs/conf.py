@@ -75,8 +75,9 @@ napoleon_include_init_with_doc = False
 autosummary_generate = False
 
 # -- doctest ---------------------------------------------------------------------------
-# The docstrings' own ``>>>`` examples already run under pytest (--doctest-modules, whose
-# flags include pytest's NUMBER, which the doctest builder does not have). The doctest
+# The docstrings' own ``>>>`` examples already run under pytest (--doctest-modules, with
+# pyproject.toml's doctest_optionflags). NUMBER is set neither there nor here, so a printed
+# float must match exactly: an example rounds it or prints a comparison. The doctest
 # builder runs only the guides' explicit ``.. doctest::`` and ``.. testcode::`` blocks,
 # not the plain ``>>>`` blocks that autodoc copies into the API page. A plain ``>>>``
 # block anywhere else is an error (docs/_ext/adaptx_docs.py), so nothing goes unrun.

@@ -3,8 +3,11 @@
 Each case must: run under jit with the same result as eager; keep its state finite
 and its state dtypes fixed; return updates in the gradient's dtype (f32, bf16,
 f16); not recompile on the second call; pass ``None`` leaves through; work inside
-``optax.chain``, ``optax.masked``, ``optax.inject_hyperparams``,
-``optax.MultiSteps`` and ``flax.nnx.Optimizer``.
+``optax.inject_hyperparams`` and ``flax.nnx.Optimizer``. Inside ``optax.chain``,
+``optax.masked`` and ``optax.MultiSteps`` the checks are on what adaptx owns, not on what
+optax guarantees by itself: the extra arguments reach it, it keeps state only for the
+masked-in leaves, its state advances once per accumulated step, and ``adaptx.telemetry``
+reads the same figures through each wrapper as from the transform alone.
 """
 
 import functools
@@ -108,14 +111,41 @@ def grads_like(params, step, magnitude=1.0):
 
 
 def run(tx, params, steps=4, jit=True):
+    return run_on(tx, params, [grads_like(params, t) for t in range(steps)], jit=jit)
+
+
+def run_on(tx, params, grads, losses=None, jit=True):
+    """Steps ``tx`` through ``grads``, passing ``losses`` (when given) the optax way, as
+    ``value=``, which the guards read."""
     state = tx.init(params)
     update = jax.jit(tx.update) if jit else tx.update
     outs = []
-    for t in range(steps):
-        u, state = update(grads_like(params, t), state, params)
+    for t, g in enumerate(grads):
+        extra = {} if losses is None else {"value": losses[t]}
+        u, state = update(g, state, params, **extra)
         params = optax.apply_updates(params, u)
         outs.append(u)
     return outs, state, params
+
+
+def losses_for(steps):
+    return [jnp.float32(1.0 + 0.1 * t) for t in range(steps)]
+
+
+def assert_same_leaves(a, b):
+    """Two states hold the same arrays, in the same order (their trees may differ)."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert [(x.shape, x.dtype) for x in a] == [(y.shape, y.dtype) for y in b]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), 1e-5, 1e-7)
+
+
+def assert_same_telemetry(a, b):
+    """``adaptx.telemetry`` reads the same figures, under the same keys, from both states."""
+    fa, fb = adaptx.telemetry(a, per_tensor=True), adaptx.telemetry(b, per_tensor=True)
+    assert list(fa) == list(fb)
+    for k in fa:
+        np.testing.assert_allclose(fa[k], fb[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def dtypes_of(tree):
@@ -182,22 +212,38 @@ def test_none_leaves_pass_through(name):
 
 
 @names
-def test_inside_chain_equals_alone(name):
-    alone, _, _ = run(make(name), params_tree())
-    chained, _, _ = run(optax.chain(optax.identity(), make(name), optax.identity()), params_tree())
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), alone, chained)
+def test_inside_chain_gets_the_loss_and_reports_as_alone(name):
+    # optax.chain hands extra arguments (the guards' value=loss) only to members that are
+    # GradientTransformationExtraArgs; adaptx's state must come through unchanged and
+    # telemetry must find it, under the same keys as alone.
+    assert isinstance(make(name), optax.GradientTransformationExtraArgs)
+    params, losses = params_tree(), losses_for(4)
+    grads = [grads_like(params, t) for t in range(4)]
+    alone_out, alone, _ = run_on(make(name), params, grads, losses)
+    chain = optax.chain(optax.identity(), make(name), optax.identity())
+    chained_out, chained, _ = run_on(chain, params, grads, losses)
+    jax.tree.map(np.testing.assert_array_equal, alone_out, chained_out)
+    jax.tree.map(np.testing.assert_array_equal, alone, chained[1])
+    assert_same_telemetry(alone, chained)
 
 
 @names
-def test_masked_applies_only_where_mask_is_true(name):
-    params = params_tree()
-    mask = {"dense": {"kernel": True, "bias": False}, "conv": True, "scale": False}
-    tx = optax.masked(make(name), mask)
-    state = tx.init(params)
-    grads = grads_like(params, 0)
-    updates, _ = jax.jit(tx.update)(grads, state, params)
-    np.testing.assert_array_equal(updates["dense"]["bias"], grads["dense"]["bias"])
-    np.testing.assert_array_equal(updates["scale"], grads["scale"])
+def test_inside_masked_only_the_masked_in_leaves_have_state(name):
+    # optax.masked gives the inner transform optax.MaskedNode for masked-out leaves: adaptx
+    # must allocate no state for them (nor pack them), leave them out of its norms and
+    # statistics, and name only the masked-in leaves in its per-tensor figures. The small
+    # leaves: "bias" (3 elements) is masked in, "scale" (5) out.
+    params, losses = params_tree(), losses_for(4)
+    mask = {"dense": {"kernel": True, "bias": True}, "conv": True, "scale": False}
+
+    def masked_in(tree):
+        return {"dense": tree["dense"], "conv": tree["conv"]}
+
+    grads = [grads_like(params, t) for t in range(4)]
+    _, masked, _ = run_on(optax.masked(make(name), mask), params, grads, losses)
+    _, alone, _ = run_on(make(name), masked_in(params), [masked_in(g) for g in grads], losses)
+    assert_same_leaves(masked.inner_state, alone)
+    assert_same_telemetry(masked, alone)
 
 
 @names
@@ -218,15 +264,20 @@ def test_inject_hyperparams_matches_direct(name):
 
 @names
 @jax.numpy_dtype_promotion("standard")  # optax.MultiSteps itself divides by an int32 count
-def test_inside_multisteps(name):
-    tx = optax.MultiSteps(make(name), every_k_schedule=2)
-    params = params_tree()
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    u0, state = update(grads_like(params, 0), state, params)
-    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u0))
-    u1, state = update(grads_like(params, 1), state, params)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u1))
+def test_inside_multisteps_the_state_advances_once_per_k(name):
+    # optax.MultiSteps(k=2) runs the inner update on every mini-step and keeps its state
+    # only every second one: adaptx's state (counters, statistics) must be exactly that of
+    # the transform stepped once per pair on the pair's mean gradient (nothing may leak
+    # from the discarded calls), and telemetry must read it through MultiStepsState.
+    params, losses = params_tree(), losses_for(4)
+    grads = [grads_like(params, t) for t in range(4)]
+    ms = optax.MultiSteps(make(name), every_k_schedule=2)
+    _, accumulated, _ = run_on(ms, params, grads, losses)
+    # optax's running mean of two gradients: g0 + (g1 - g0) / 2.
+    means = [jax.tree.map(lambda a, b: a + (b - a) / 2, grads[i], grads[i + 1]) for i in (0, 2)]
+    _, alone, _ = run_on(make(name), params, means, [losses[1], losses[3]])
+    assert_same_leaves(accumulated.inner_opt_state, alone)
+    assert_same_telemetry(accumulated, alone)
 
 
 class _Model(nnx.Module):

@@ -236,8 +236,8 @@ def test_low_precision_norms_are_correct_and_nothing_overflows(name, dtype, size
             lambda x: jnp.asarray(magnitude * rng.standard_normal(x.shape), dtype), params
         )
         assert finite(g)
-        if size == "huge":  # the norm itself is beyond the dtype's range
-            assert norm64(g) > float(jnp.finfo(dtype).max) or dtype == jnp.bfloat16
+        if size == "huge":  # the norm is beyond float16's range (for float16: its own)
+            assert norm64(g) > float(jnp.finfo(jnp.float16).max)
         u, state = tx.update(g, state, params)
         assert finite(u), f"step {t}: updates overflowed"
         assert finite(state), f"step {t}: state overflowed"

@@ -55,12 +55,27 @@ def test_each_leaf_norm_is_reported_under_its_path(name):
         np.testing.assert_allclose(got, np.linalg.norm(np.asarray(leaf)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["clip_spikes", "zclip", "guard", "adagc"])
+# The figure that is 0 on a step where the transform did not intervene.
+INTERVENED = {
+    "clip_spikes": "clip_spikes/spike",
+    "zclip": "zclip/spike",
+    "guard": "guard/last_reason",
+    "adagc": "adagc/num_clipped",
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTERVENED))
 def test_the_leaf_that_led_the_intervention_is_named(name):
-    state, _ = run(TRANSFORMS[name](), spike_in="kernel")
+    # The spike is in the bias, whose norm on a healthy step is below the kernel's (the
+    # largest), and one healthy step follows it: naming the largest leaf of a healthy step,
+    # or the largest leaf of the last step rather than of the last intervention, names the
+    # kernel.
+    healthy = grads(0)["encoder"]["layers_0"]
+    assert np.linalg.norm(healthy["bias"]) < np.linalg.norm(healthy["kernel"])
+    state, _ = run(TRANSFORMS[name](), steps=37, spike_at=35, spike_in="bias")
     figures = adaptx.telemetry(state, per_tensor=True)
-    keys = [k for k in figures if "/tensor_grad_norm/" in k]
-    assert keys[int(figures[f"{name}/top_tensor"])].endswith("encoder/layers_0/kernel")
+    assert int(figures[INTERVENED[name]]) == 0  # the last step was a healthy one
+    assert int(figures[f"{name}/top_tensor"]) == PATHS.index("encoder/layers_0/bias")
 
 
 def test_without_per_tensor_the_telemetry_is_unchanged():
