@@ -10,6 +10,7 @@ The namespace mirrors the README's sections: clipping (fixed and adaptive
 thresholds), adaptive scaling, momentum, guards, recipes and telemetry.
 """
 
+from adaptx._check import DivergedError, check
 from adaptx._clipping.adagc import AdaGCState, adagc
 from adaptx._clipping.agc import adaptive_grad_clip
 from adaptx._clipping.autoclip import AutoClipState, autoclip
@@ -40,6 +41,7 @@ __all__ = (
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipSpikesState",
+    "DivergedError",
     "DynamicLossScaleState",
     "EmaState",
     "GuardState",
@@ -56,6 +58,7 @@ __all__ = (
     "adamw",
     "adaptive_grad_clip",
     "autoclip",
+    "check",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",

@@ -27,9 +27,10 @@ are keyed ``"<transform>/tensor_<figure>/<param path>"``. Values may be the stri
 
 - *skipped*: ``T/last_reason`` (a guard's reason code) is nonzero; its kind follows
   the code: 1 non-finite gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss
-  spike. For a transform without a reason code, ``T/skipped`` went up since the
-  previous line (``dynamic_loss_scale``: non-finite gradients), or ``T/num_skipped``
-  did (``zclip`` zeroing a spike). A counter is compared with 0 on a first line at
+  spike, 5 gradient norm above ``max_grad_norm``, 6 loss above ``max_loss``. For a
+  transform without a reason code, ``T/skipped`` went up since the previous line
+  (``dynamic_loss_scale``: non-finite gradients), or ``T/num_skipped`` did (``zclip``
+  zeroing a spike). A counter is compared with 0 on a first line at
   step 0, and not at all on a first line after step 0 (a resumed log).
 - *rewound*: ``T/rewinds`` went up.
 - *spike let through*: ``T/forced`` went up (a guard at ``max_consecutive_skips``).

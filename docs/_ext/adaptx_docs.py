@@ -69,8 +69,9 @@ SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = [
     (
         "Telemetry",
         "-",
-        "What the transforms measured, read out of any optimizer state.",
-        ("adaptx._telemetry",),
+        "What the transforms measured, read out of any optimizer state, and what it says "
+        "about the run.",
+        ("adaptx._telemetry", "adaptx._check"),
     ),
 ]
 OTHER = ("Other", "-", "Public names in no section above.", ())
@@ -100,6 +101,7 @@ ORDER = [
     "spam",
     "robust_adamw",
     "telemetry",
+    "check",
 ]
 
 REPORT_MODULE = "adaptx.report"
