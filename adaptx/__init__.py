@@ -32,6 +32,7 @@ from adaptx._scaling.adam import ScaleByAdamGuardedState, ScaleByAdamState, scal
 from adaptx._scaling.adam_atan2 import ScaleByAdamAtan2State, scale_by_adam_atan2
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
+from adaptx._writer import MetricsWriter
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = (
     "DynamicLossScaleState",
     "EmaState",
     "GuardState",
+    "MetricsWriter",
     "MomentumState",
     "RewindState",
     "ScaleByAdagradState",
