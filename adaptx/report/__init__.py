@@ -3,6 +3,7 @@
 .. code-block:: text
 
   python -m adaptx.report RUN            # RUN: a run directory or its metrics.jsonl
+  python -m adaptx.report RUN --bad-steps bad_steps.json
   python -m adaptx.report --help
 
 prints one line per event, e.g. ::
@@ -12,8 +13,10 @@ prints one line per event, e.g. ::
 
 then the count of each kind of intervention and the tensors that most often held the
 largest share of the norm, and writes ``stability.png`` beside the log (see
-:func:`plot`). This package needs only the standard library and NumPy (and matplotlib
-for the picture); it never imports JAX or the rest of adaptx itself.
+:func:`plot`). With ``--bad-steps FILE`` it also writes the skipped, clipped and
+non-finite steps to ``FILE`` as JSON (see :func:`bad_steps`). This package needs only
+the standard library and NumPy (and matplotlib for the picture); it never imports JAX or
+the rest of adaptx itself.
 
 **The log.** One JSON object per line, one line per training step, as the text
 classifier example writes it: ``step``, ``loss``, ``grad_norm`` (before clipping) and
@@ -62,6 +65,7 @@ Examples:
   interventions: 1 skipped (gradient-norm spike)
 """
 
+from adaptx.report._bad_steps import bad_steps
 from adaptx.report._cli import main
 from adaptx.report._events import KINDS, Event, leading_tensor, summarize
 from adaptx.report._plot import plot
@@ -71,6 +75,7 @@ from adaptx.report._summary import format_summary
 __all__ = (
     "KINDS",
     "Event",
+    "bad_steps",
     "format_summary",
     "leading_tensor",
     "main",
