@@ -10,6 +10,7 @@ The namespace mirrors the README's sections: clipping (fixed and adaptive
 thresholds), adaptive scaling, momentum, guards, recipes and telemetry.
 """
 
+from adaptx._adopt import adopt_state
 from adaptx._check import DivergedError, check
 from adaptx._clipping.adagc import AdaGCState, adagc
 from adaptx._clipping.agc import adaptive_grad_clip
@@ -59,6 +60,7 @@ __all__ = (
     "adam_atan2",
     "adamw",
     "adaptive_grad_clip",
+    "adopt_state",
     "autoclip",
     "check",
     "clip_by_block_rms",
