@@ -25,6 +25,7 @@ from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale,
 from adaptx._guards.rewind import RewindState, rewind
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
+from adaptx._nnx import restore_on_skip
 from adaptx._recipes.adamw import adam_atan2, adamw
 from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
 from adaptx._recipes.sgd import sgd
@@ -72,6 +73,7 @@ __all__ = (
     "guard",
     "loss_scale",
     "momentum",
+    "restore_on_skip",
     "rewind",
     "robust_adamw",
     "scale_by_adagrad",

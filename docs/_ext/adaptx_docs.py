@@ -65,7 +65,7 @@ SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = [
         ("adaptx._scaling",),
     ),
     ("Momentum", "-", "Momentum and moving averages.", ("adaptx._momentum",)),
-    ("Guards", "-", "Skip, undo or rescale a bad step.", ("adaptx._guards",)),
+    ("Guards", "-", "Skip, undo or rescale a bad step.", ("adaptx._guards", "adaptx._nnx")),
     ("Recipes", "-", "Whole optimizers, built from the parts above.", ("adaptx._recipes",)),
     (
         "Telemetry",
