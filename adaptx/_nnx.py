@@ -47,8 +47,7 @@ def restore_on_skip(model: Any, optimizer: Any) -> Iterator[None]:
     forward pass changed before the optimizer saw the gradients: the running statistics of
     ``nnx.BatchNorm`` (``nnx.BatchStat``), and any other non-``nnx.Param`` variable the
     step writes (caches, counters). A NaN batch leaves its NaN in those, and every later
-    evaluation is NaN although the guard skipped the step. Wrap the step in this context
-    manager:
+    evaluation is NaN although the guard skipped the step. Wrap the step in this:
 
     .. code-block:: python
 
@@ -59,9 +58,8 @@ def restore_on_skip(model: Any, optimizer: Any) -> Iterator[None]:
               optimizer.update(model, grads, value=loss)
           return loss
 
-    On entry it keeps the model's variables that are not ``nnx.Param``
-    (``nnx.state(model, nnx.Not(nnx.Param))``); on exit, if a guard in ``optimizer``
-    skipped this step (its ``last_reason`` is nonzero), it puts them back, with
+    On entry it keeps ``nnx.state(model, nnx.Not(nnx.Param))``; on exit, if a guard in
+    ``optimizer`` skipped this step (its ``last_reason`` is nonzero), it puts it back with
     ``jnp.where``: no host sync and no recompilation, inside ``nnx.jit`` or outside it.
     Variables the step created are left as they are. Call ``optimizer.update`` inside the
     block: the guard decides there. If the block raises, nothing is put back.
@@ -72,7 +70,7 @@ def restore_on_skip(model: Any, optimizer: Any) -> Iterator[None]:
         :func:`adaptx.guard` (as :func:`adaptx.robust_adamw` does).
 
     Returns:
-      A context manager.
+      A context manager (``with``; it yields nothing).
 
     Raises:
       ValueError: on entry, if ``optimizer`` holds no guard; on exit, if
