@@ -184,6 +184,14 @@ def test_every_moment_of_a_nested_state_is_carried():
     assert int(new.inner_state[1].inner_state.count) == 5
 
 
+def test_from_a_guarded_adaptx_state_back_to_a_plain_one():
+    """An adaptx state is a source too: Adam's moments inside GuardState.inner_state."""
+    params, old = train(adaptx.robust_adamw(1e-3), params_tree())
+    new = adaptx.adopt_state(old, adaptx.adamw(1e-3, max_norm=None), params)
+    assert_same_moments(new, old)
+    assert int(new[1].count) == int(old.inner_state[1].count) == 5
+
+
 def test_schedule_step_counts_are_carried():
     schedule = optax.cosine_decay_schedule(1e-2, 20)
     old_tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule)
