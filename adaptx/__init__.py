@@ -10,10 +10,12 @@ The namespace mirrors the README's sections: clipping (fixed and adaptive
 thresholds), adaptive scaling, momentum, guards, recipes and telemetry.
 """
 
+from adaptx._adopt import adopt_state
+from adaptx._chain import chain
+from adaptx._check import DivergedError, check
 from adaptx._clipping.adagc import AdaGCState, adagc
 from adaptx._clipping.agc import adaptive_grad_clip
 from adaptx._clipping.autoclip import AutoClipState, autoclip
-from adaptx._chain import chain
 from adaptx._clipping.block_rms import ClipByBlockRmsState, clip_by_block_rms
 from adaptx._clipping.global_norm import ClipByGlobalNormState, clip_by_global_norm
 from adaptx._clipping.scalar_clip import scalar_clip
@@ -25,6 +27,7 @@ from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale,
 from adaptx._guards.rewind import RewindState, rewind
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
+from adaptx._nnx import restore_on_skip
 from adaptx._recipes.adamw import adam_atan2, adamw
 from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
 from adaptx._recipes.sgd import sgd
@@ -33,6 +36,7 @@ from adaptx._scaling.adam import ScaleByAdamState, scale_by_adam
 from adaptx._scaling.adam_atan2 import ScaleByAdamAtan2State, scale_by_adam_atan2
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
+from adaptx._writer import MetricsWriter
 
 __version__ = "0.1.0"
 
@@ -42,9 +46,11 @@ __all__ = (
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipSpikesState",
+    "DivergedError",
     "DynamicLossScaleState",
     "EmaState",
     "GuardState",
+    "MetricsWriter",
     "MomentumState",
     "RewindState",
     "ScaleByAdagradState",
@@ -56,8 +62,10 @@ __all__ = (
     "adam_atan2",
     "adamw",
     "adaptive_grad_clip",
+    "adopt_state",
     "autoclip",
     "chain",
+    "check",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
@@ -67,6 +75,7 @@ __all__ = (
     "guard",
     "loss_scale",
     "momentum",
+    "restore_on_skip",
     "rewind",
     "robust_adamw",
     "scalar_clip",

@@ -1,4 +1,4 @@
-r"""``optax.chain`` that honours a guard's skip and fuses each global clip into the step after it."""
+r"""``optax.chain`` that honours a guard's skip and fuses a global clip into the step after it."""
 
 from __future__ import annotations
 

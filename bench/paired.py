@@ -73,6 +73,8 @@ def user_chain(recipe: str):
     """The ``optax.chain`` of ``recipe``'s parts (``bench/recipe_parts.py``)."""
     name, _, packed = recipe.partition(" ")
     return PARTS[name](1e-3, **({"pack_small_leaves": 65536} if packed else {}))
+
+
 DEFAULT_BEFORE = "0824b51"  # the last commit before scale_by_adam moved onto the engine
 
 

@@ -47,9 +47,7 @@ def stable_adamw(lr: Any = 1e-3, **kw: Any) -> optax.GradientTransformation:
 
 def spam(lr: Any = 1e-3, **kw: Any) -> optax.GradientTransformation:
     return optax.chain(
-        adaptx.scale_by_adam(
-            0.9, 0.999, 1e-6, spike_threshold=5000.0, reset_interval=500, **kw
-        ),
+        adaptx.scale_by_adam(0.9, 0.999, 1e-6, spike_threshold=5000.0, reset_interval=500, **kw),
         *_decay_and_lr(lr, 0.0),
     )
 

@@ -173,6 +173,9 @@ RULES = [
     ({"guard/last_reason": 0}, {"guard/last_reason": 3}, "skip_nonfinite_loss", "loss)"),
     ({"guard/last_reason": 0}, {"guard/last_reason": 4}, "skip_loss_spike", "(loss spike)"),
     ({"1/guard/last_reason": 0}, {"1/guard/last_reason": 2}, "skip_spike", "by 1/guard ("),
+    ({"guard/last_reason": 0}, {"guard/last_reason": 5}, "skip_max_grad_norm", "max_grad_norm)"),
+    ({"guard/last_reason": 0}, {"guard/last_reason": 6}, "skip_max_loss", "(loss above max_loss)"),
+    ({"guard/last_reason": 0}, {"guard/last_reason": 9}, "skip", "(reason 9)"),
     ({"guard/skipped": 0}, {"guard/skipped": 1}, "skip", "skipped by guard"),
     (
         {"dynamic_loss_scale/skipped": 3, "dynamic_loss_scale/scale": 2.0**15},
@@ -406,6 +409,57 @@ def test_module_runs_as_a_program(tmp_path, capsys):
     assert info.value.code == 0
     helped = capsys.readouterr().out
     assert helped.startswith("usage: python -m adaptx.report ") and "--out PATH" in helped
+
+
+def test_bad_steps_file_lists_skipped_clipped_and_non_finite_steps(tmp_path, capsys):
+    rows = healthy_rows(60, tensors=TENSORS)
+    skip_spike(rows, 20, 80.0)
+    rows[20]["clip_spikes/tensor_grad_norm/embed/embedding"] = 80.0
+    rows[30].update({"loss": math.nan, "guard/last_reason": 3})
+    for r in rows[30:]:
+        r["guard/skipped"] += 1
+    rows[40].update({"clip_spikes/spike": 1, "clip_spikes/scale": 0.25, "grad_norm": 4.0})
+    rows[45]["clip_spikes/scale"] = 0.5
+    for r in rows[50:]:  # a spike let through: not a bad step of its own
+        r["guard/forced"] = 1
+    rows[55].update({"grad_norm": math.inf, "guard/grad_norm": math.inf})  # not skipped
+    log = write_log(tmp_path / "run" / "metrics.jsonl", rows)
+    out = tmp_path / "bad_steps.json"
+    assert report.main([str(log), "--no-plot", "--bad-steps", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out} (5 bad steps)"
+    steps = json.loads(out.read_text())
+    assert [(s["step"], s["kind"], s["reason"]) for s in steps] == [
+        (20, "skipped", "gradient-norm spike"),
+        (30, "skipped", "non-finite loss"),
+        (40, "clipped", "gradient-norm spike"),
+        (45, "clipped", "clipped by clip_spikes (scale 0.5)"),
+        (55, "non-finite", "non-finite loss or gradient norm, not skipped"),
+    ]
+    assert steps[0]["actions"] == ["skipped by guard (gradient-norm spike)"]
+    assert steps[0]["tensor"] == "embed/embedding" and steps[0]["grad_norm"] == 80.0
+    assert steps[1]["loss"] == "nan" and steps[4]["grad_norm"] == "inf"  # strict JSON
+    assert steps == report.bad_steps(report.read_metrics(log))
+    # Its own earlier file it replaces; nothing else, and never the log.
+    assert report.main([str(log), "--no-plot", "--bad-steps", str(out)]) == 0
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"keep": "me"}')
+    before = log.read_bytes()
+    for target, problem in [
+        (notes, "not a list of bad steps"),
+        (log, "refusing to overwrite the metrics log"),
+        (tmp_path, "is a directory"),
+    ]:
+        assert report.main([str(log), "--no-plot", "--bad-steps", str(target)]) == 2
+        assert problem in capsys.readouterr().err
+    assert notes.read_text() == '{"keep": "me"}' and log.read_bytes() == before
+
+
+def test_bad_steps_of_a_healthy_run_is_an_empty_list(tmp_path, capsys):
+    log = write_log(tmp_path / "metrics.jsonl", healthy_rows(10))
+    out = tmp_path / "bad.json"
+    assert report.main([str(log), "--no-plot", "--bad-steps", str(out)]) == 0
+    assert json.loads(out.read_text()) == []
+    assert f"wrote {out} (0 bad steps)" in capsys.readouterr().out
 
 
 JAX_FREE = """

@@ -17,9 +17,10 @@ from adaptx._core import skip as skip_lib
 
 def same_bits(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(la, lb)
-    )
+    if len(la) != len(lb):
+        return False
+    pairs = zip(la, lb, strict=True)
+    return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in pairs)
 
 
 class Recorder:

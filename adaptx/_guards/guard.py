@@ -289,8 +289,16 @@ def guard(
     """
     fn = "guard"
     cfg = _Config(
-        skip_nonfinite, spike_z, max_consecutive_skips, spike_alpha, spike_warmup, loss_z,
-        loss_alpha, max_grad_norm, max_loss, max_consecutive_nonfinite,
+        skip_nonfinite,
+        spike_z,
+        max_consecutive_skips,
+        spike_alpha,
+        spike_warmup,
+        loss_z,
+        loss_alpha,
+        max_grad_norm,
+        max_loss,
+        max_consecutive_nonfinite,
     )
     _check_guard_args(fn, inner, cfg)
     inner = optax.with_extra_args_support(inner)
@@ -316,8 +324,11 @@ def guard(
         new = new._replace(**per_tensor_lib.updated(state, leaf_norms, v.skip))
         # An outer guard's skip leaves this guard's own figures as they were, too.
         outer = skip_lib.decision(extra_args)
-        own = {f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
-               for f in new._fields if f != "inner_state"}
+        own = {
+            f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
+            for f in new._fields
+            if f != "inner_state"
+        }
         return out, new._replace(**own)
 
     return skip_lib.Honouring(init_fn, update_fn)
@@ -483,16 +494,24 @@ def _check_guard_args(fn: str, inner: Any, cfg: _Config) -> None:
         ("max_consecutive_skips", cfg.max_consecutive_skips, "10"),
         ("max_consecutive_nonfinite", cfg.max_consecutive_nonfinite, "100"),
     ):
-        validate.check_int(
-            fn, name, value, low=1, allow_none=True, traced_ok=True, example=example
-        )
+        validate.check_int(fn, name, value, low=1, allow_none=True, traced_ok=True, example=example)
     validate.check_range(
-        fn, "spike_alpha", cfg.spike_alpha, low=0.0, high=1.0, high_inclusive=False,
+        fn,
+        "spike_alpha",
+        cfg.spike_alpha,
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
         example="0.97",
     )
     validate.check_int(fn, "spike_warmup", cfg.spike_warmup, low=1, traced_ok=True, example="25")
     validate.check_range(
-        fn, "loss_alpha", cfg.loss_alpha, low=0.0, high=1.0, high_inclusive=False,
+        fn,
+        "loss_alpha",
+        cfg.loss_alpha,
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
         example="0.98",
     )
     checks = (cfg.spike_z, cfg.loss_z, cfg.max_grad_norm, cfg.max_loss)

@@ -140,8 +140,10 @@ def dynamic_loss_scale(
             skipped=tu.count_if(~finite, state.skipped),
             inner_state=inner_state,
         )
-        own = {f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
-               for f in ("scale", "good_steps", "skipped")}
+        own = {
+            f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
+            for f in ("scale", "good_steps", "skipped")
+        }
         return out, new._replace(**own)
 
     return skip_lib.Honouring(init_fn, update_fn)

@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import optax
 
-from adaptx._clipping.spike_clip import clip_spikes
 from adaptx._chain import chain
+from adaptx._clipping.spike_clip import clip_spikes
 from adaptx._core import validate
 from adaptx._guards.guard import guard
 from adaptx._recipes.common import decay_and_step

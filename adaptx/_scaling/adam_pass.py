@@ -47,8 +47,9 @@ def update(
 ) -> Step:
     """One step of ``method`` on ``scale * updates``: checks, the fused pass, counters."""
     fn = method.name
-    tu.check_float_leaves(fn, updates, allow_complex=method.no_complex is None,
-                          why=method.no_complex)
+    tu.check_float_leaves(
+        fn, updates, allow_complex=method.no_complex is None, why=method.no_complex
+    )
     packed = isinstance(state.mu, packing.PackedTree)
     if packed:
         packing.check(fn, updates, state.mu.layout)

@@ -3,6 +3,7 @@
 .. code-block:: text
 
   python -m adaptx.report RUN            # RUN: a run directory or its metrics.jsonl
+  python -m adaptx.report RUN --bad-steps bad_steps.json
   python -m adaptx.report --help
 
 prints one line per event, e.g. ::
@@ -12,8 +13,10 @@ prints one line per event, e.g. ::
 
 then the count of each kind of intervention and the tensors that most often held the
 largest share of the norm, and writes ``stability.png`` beside the log (see
-:func:`plot`). This package needs only the standard library and NumPy (and matplotlib
-for the picture); it never imports JAX or the rest of adaptx itself.
+:func:`plot`). With ``--bad-steps FILE`` it also writes the skipped, clipped and
+non-finite steps to ``FILE`` as JSON (see :func:`bad_steps`). This package needs only
+the standard library and NumPy (and matplotlib for the picture); it never imports JAX or
+the rest of adaptx itself.
 
 **The log.** One JSON object per line, one line per training step, as the text
 classifier example writes it: ``step``, ``loss``, ``grad_norm`` (before clipping) and
@@ -27,9 +30,10 @@ are keyed ``"<transform>/tensor_<figure>/<param path>"``. Values may be the stri
 
 - *skipped*: ``T/last_reason`` (a guard's reason code) is nonzero; its kind follows
   the code: 1 non-finite gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss
-  spike. For a transform without a reason code, ``T/skipped`` went up since the
-  previous line (``dynamic_loss_scale``: non-finite gradients), or ``T/num_skipped``
-  did (``zclip`` zeroing a spike). A counter is compared with 0 on a first line at
+  spike, 5 gradient norm above ``max_grad_norm``, 6 loss above ``max_loss``. For a
+  transform without a reason code, ``T/skipped`` went up since the previous line
+  (``dynamic_loss_scale``: non-finite gradients), or ``T/num_skipped`` did (``zclip``
+  zeroing a spike). A counter is compared with 0 on a first line at
   step 0, and not at all on a first line after step 0 (a resumed log).
 - *rewound*: ``T/rewinds`` went up.
 - *spike let through*: ``T/forced`` went up (a guard at ``max_consecutive_skips``).
@@ -61,6 +65,7 @@ Examples:
   interventions: 1 skipped (gradient-norm spike)
 """
 
+from adaptx.report._bad_steps import bad_steps
 from adaptx.report._cli import main
 from adaptx.report._events import KINDS, Event, leading_tensor, summarize
 from adaptx.report._plot import plot
@@ -70,6 +75,7 @@ from adaptx.report._summary import format_summary
 __all__ = (
     "KINDS",
     "Event",
+    "bad_steps",
     "format_summary",
     "leading_tensor",
     "main",

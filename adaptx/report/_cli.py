@@ -8,8 +8,10 @@ import warnings
 from collections.abc import Sequence
 
 from adaptx.report import _output
+from adaptx.report._bad_steps import bad_steps, write_bad_steps
+from adaptx.report._events import summarize
 from adaptx.report._plot import plot
-from adaptx.report._read import metrics_path, read_metrics
+from adaptx.report._read import metrics_path, read_metrics, step_records
 from adaptx.report._summary import MAX_EVENTS, format_summary
 
 _DESCRIPTION = """\
@@ -25,8 +27,10 @@ _EPILOG = """\
 examples:
   python -m adaptx.report runs/text_classifier/rotten_tomatoes-lstm-seed0
   python -m adaptx.report run/metrics.jsonl --out run/stability-2.png --max-events 50
+  python -m adaptx.report RUN --no-plot --bad-steps RUN/bad_steps.json
 
-exit status: 0 on success, 2 if the log cannot be read or the picture not written."""
+exit status: 0 on success, 2 if the log cannot be read or the picture or the bad steps
+not written."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"event lines printed, the rest counted (default: {MAX_EVENTS})",
     )
     parser.add_argument("--no-plot", action="store_true", help="print the summary only")
+    parser.add_argument(
+        "--bad-steps",
+        metavar="FILE",
+        help="also write the skipped, clipped and non-finite steps to FILE as JSON, a list of "
+        '{"step", "kind", "reason", ...} (for a data loader to skip those batches on '
+        "resume); never over a file that is not such a list",
+    )
     return parser
 
 
@@ -66,7 +77,12 @@ def _run(args: argparse.Namespace) -> None:
         records = read_metrics(source)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    print(format_summary(records, max_events=args.max_events, source=str(source)))
+    events = summarize(step_records(records))
+    print(format_summary(records, events, max_events=args.max_events, source=str(source)))
+    if args.bad_steps is not None:
+        steps = bad_steps(records, events)
+        written = write_bad_steps(args.bad_steps, steps, source=source)
+        print(f"wrote {written} ({len(steps)} bad {'step' if len(steps) == 1 else 'steps'})")
     if out is not None:
         panels = plot(records, out)
         print(f"wrote {out} ({panels} panels)")

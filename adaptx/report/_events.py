@@ -13,6 +13,7 @@ import numpy as np
 
 from adaptx.report import _keys
 from adaptx.report._read import as_float, step_records
+from adaptx.report._reasons import REASONS
 
 #: Event kinds, most severe first; a step with several interventions takes the first.
 KINDS = {
@@ -20,19 +21,14 @@ KINDS = {
     "skip_nonfinite_loss": "skipped (non-finite loss)",
     "skip_spike": "skipped (gradient-norm spike)",
     "skip_loss_spike": "skipped (loss spike)",
+    "skip_max_grad_norm": "skipped (gradient norm above max_grad_norm)",
+    "skip_max_loss": "skipped (loss above max_loss)",
     "skip": "skipped",
     "rewind": "rewound",
     "nonfinite": "non-finite, not skipped",
     "forced": "spike let through",
     "spike": "spike clipped",
     "clip": "clipped",
-}
-#: ``guard/last_reason`` codes (adaptx/_guards/guard.py) and what they mean.
-REASONS = {
-    1: ("skip_nonfinite", "non-finite gradients"),
-    2: ("skip_spike", "gradient-norm spike"),
-    3: ("skip_nonfinite_loss", "non-finite loss"),
-    4: ("skip_loss_spike", "loss spike"),
 }
 #: Per-step counts of tensors a transform scaled down: ``{transform: ((figure, words),)}``.
 TENSOR_CLIPS = {

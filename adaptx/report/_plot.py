@@ -22,6 +22,8 @@ STYLES = {
     "skip_nonfinite_loss": ("P", "darkred"),
     "skip_spike": ("v", "darkorange"),
     "skip_loss_spike": ("^", "saddlebrown"),
+    "skip_max_grad_norm": ("v", "orangered"),
+    "skip_max_loss": ("^", "sienna"),
     "skip": ("x", "red"),
     "rewind": ("*", "purple"),
     "nonfinite": ("X", "black"),

@@ -2,9 +2,10 @@
 
 * ``.. adaptx-api::`` writes the API reference from ``adaptx.__all__`` at build time:
   one section per part of the library (clipping, adaptive scaling, momentum, guards,
-  recipes, telemetry), chosen by the module each name is defined in, so a name added
-  to ``__all__`` appears without editing the docs; a name in no known part goes to
-  "Other". ``adaptx.report`` (the stability report) is documented when it can be imported.
+  recipes, telemetry, switching optimizers), chosen by the module each name is defined
+  in, so a name added to ``__all__`` appears without editing the docs; a name in no known
+  part goes to "Other". ``adaptx.report`` (the stability report) is documented when it
+  can be imported.
 * ``.. measured-table:: PATH`` copies a Markdown table out of a file of the repository
   (a results file under ``bench/measured/``, a README), so the figures on a page are
   the measured ones, character for character, and change when the file does.
@@ -64,13 +65,20 @@ SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = [
         ("adaptx._scaling",),
     ),
     ("Momentum", "-", "Momentum and moving averages.", ("adaptx._momentum",)),
-    ("Guards", "-", "Skip, undo or rescale a bad step.", ("adaptx._guards",)),
+    ("Guards", "-", "Skip, undo or rescale a bad step.", ("adaptx._guards", "adaptx._nnx")),
     ("Recipes", "-", "Whole optimizers, built from the parts above.", ("adaptx._recipes",)),
     (
         "Telemetry",
         "-",
-        "What the transforms measured, read out of any optimizer state.",
-        ("adaptx._telemetry",),
+        "What the transforms measured, read out of any optimizer state, and what it says "
+        "about the run.",
+        ("adaptx._telemetry", "adaptx._check", "adaptx._writer"),
+    ),
+    (
+        "Switching optimizers",
+        "-",
+        "Carry a run's moments and step counts over to another optimizer.",
+        ("adaptx._adopt",),
     ),
 ]
 OTHER = ("Other", "-", "Public names in no section above.", ())
@@ -100,6 +108,7 @@ ORDER = [
     "spam",
     "robust_adamw",
     "telemetry",
+    "check",
 ]
 
 REPORT_MODULE = "adaptx.report"
