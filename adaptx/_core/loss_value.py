@@ -21,7 +21,8 @@ def read(
 
     Reads ``value`` or ``loss``. Raises ``ValueError`` when the loss is not a real scalar,
     or is missing although ``needed_by`` (a description of what needs it, e.g.
-    ``"loss_z=6.0"``) is given. Under ``shard_map``/``pmap``, ``axis_name`` averages it so every shard sees the same loss.
+    ``"loss_z=6.0"``) is given. Under ``shard_map``/``pmap``, ``axis_name`` averages it
+    so every shard sees the same loss.
     """
     value = _one_of(fn, extra_args.get("value"), extra_args.get("loss"))
     if value is None:
