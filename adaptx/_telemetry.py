@@ -116,11 +116,13 @@ def telemetry(opt_state: Any, per_tensor: bool = False) -> dict[str, jax.Array]:
       {'clip_by_global_norm/grad_norm': 10.0, 'clip_by_global_norm/scale': 0.1}
     """
     states = find_states(opt_state)
-    names = [registered(node)[0] for _, node in states]
+    regs = [registered(node) for _, node in states]
+    assert all(r is not None for r in regs)  # find_states keeps registered nodes only
+    names = [r[0] for r in regs if r is not None]
     out: dict[str, jax.Array] = {}
-    for (path, node), name in zip(states, names, strict=True):
+    for (path, node), name, reg in zip(states, names, regs, strict=True):
         prefix = name if names.count(name) == 1 else f"{path}/{name}"
-        for field in registered(node)[1]:
+        for field in reg[1] if reg is not None else ():
             value = getattr(node, field)
             if value is not None:  # a figure the transform was not asked to keep
                 out[f"{prefix}/{field}"] = _scalar(value)

@@ -136,3 +136,23 @@ def test_before_exports_a_revision_as_its_own_package(tmp_path):
         "assert 'adaptx' not in sys.modules, sorted(m for m in sys.modules if 'adaptx' in m)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+
+
+def test_skip_select_quick(tmp_path):
+    from bench import skip_select
+
+    rows = skip_select.main(["--quick", "--trees", "transformer", "--reps", "1"])
+    assert {r["variant"] for r in rows} == set(skip_select.VARIANTS)
+    for r in rows:
+        assert _finite(r["step_ms"]) and _finite(r["passes"]) and r["kernels"] > 0
+
+
+def test_paired_chain_quick():
+    from bench import paired
+
+    rows = paired.main(
+        ["chain", "--quick", "--trees", "transformer", "--recipes", "robust_adamw", "--reps", "1"]
+    )
+    (row,) = rows
+    assert _finite(row["A"]["passes"]) and _finite(row["B"]["passes"])
+    assert _finite(row["ratio_b_over_a"]["median"])

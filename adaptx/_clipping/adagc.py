@@ -42,7 +42,7 @@ class AdaGCState(NamedTuple):
         that clipped any (int32 index into the per-tensor figures; -1 before any).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     gamma: optax.Updates
     grad_norm: jax.Array
     num_clipped: jax.Array
@@ -159,7 +159,7 @@ def adagc(
     validate.check_positive(fn, "lambda_abs", lambda_abs, example="1.0")
     validate.check_int(fn, "warmup_steps", warmup_steps, low=0, traced_ok=True, example="100")
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> AdaGCState:
         return AdaGCState(
             count=jnp.zeros([], jnp.int32),
             gamma=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
@@ -169,11 +169,17 @@ def adagc(
             **_initial_figures(params, per_tensor),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: AdaGCState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, AdaGCState]:
         del params, extra_args
         tu.check_float_leaves(fn, updates)
         tu.check_same_structure(fn, updates, state.gamma, "updates", "state's gamma")
-        leaves, treedef = jax.tree.flatten(updates)
+        leaves, treedef_ = jax.tree.flatten(updates)
+        treedef: Any = treedef_  # jaxlib's PyTreeDef has no stubs
         count = tu.safe_increment(state.count)
         if not leaves:
             return updates, state._replace(count=count)
@@ -217,7 +223,7 @@ def adagc(
             num_clipped=jnp.sum(s < 1, dtype=jnp.int32),
             gamma_mean=jnp.mean(new_gamma).astype(state.gamma_mean.dtype),
         )
-        if per_tensor:
+        if per_tensor and state.tensor_clip_factor is not None:
             new_state = new_state._replace(
                 tensor_clip_factor=state.tensor_clip_factor.replace(s),
                 **per_tensor_lib.updated(state, norms, jnp.any(s < 1)),

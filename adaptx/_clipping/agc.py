@@ -89,11 +89,16 @@ def adaptive_grad_clip(
     validate.check_positive("adaptive_grad_clip", "clipping", clipping, example="0.01")
     validate.check_nonnegative("adaptive_grad_clip", "eps", eps, example="1e-3")
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.EmptyState:
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.EmptyState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.EmptyState]:
         del extra_args
         validate.require_params("adaptive_grad_clip", params)
         tu.check_float_leaves("adaptive_grad_clip", updates, allow_complex=True)

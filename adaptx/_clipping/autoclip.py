@@ -40,7 +40,7 @@ class AutoClipState(NamedTuple):
     """
 
     norms: jax.Array
-    index: jax.Array
+    index: jax.Array  # type: ignore[assignment]  # shadows tuple.index
     filled: jax.Array
     grad_norm: jax.Array
     threshold: jax.Array
@@ -158,7 +158,7 @@ def autoclip(
     validate.check_range("autoclip", "percentile", percentile, low=0.0, high=100.0, example="10.0")
     validate.check_int("autoclip", "history", history, low=1, traced_ok=True, example="1000")
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> AutoClipState:
         size = validate.concrete_int("autoclip", "history", history)
         return AutoClipState(
             norms=jnp.zeros([size], jnp.float32),
@@ -170,7 +170,12 @@ def autoclip(
             **per_tensor_lib.initial(params, per_tensor),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: AutoClipState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, AutoClipState]:
         del params, extra_args
         tu.check_float_leaves("autoclip", updates)
         norm, leaf_norms = per_tensor_lib.global_norm(updates, axis_name, per_tensor)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +62,16 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
     """
     validate.check_positive("clip_by_block_rms", "threshold", threshold)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipByBlockRmsState:
         del params
         return ClipByBlockRmsState(num_clipped=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: ClipByBlockRmsState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ClipByBlockRmsState]:
         del params, extra_args
         tu.check_float_leaves("clip_by_block_rms", updates, allow_complex=True)
         leaves, treedef = jax.tree.flatten(updates)

@@ -43,7 +43,7 @@ class ClipSpikesState(NamedTuple):
         clipped step (int32 index into ``tensor_grad_norm``; -1 before any).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     log_mean: jax.Array
     log_var: jax.Array
     grad_norm: jax.Array

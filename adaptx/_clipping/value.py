@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,11 +45,16 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformationExt
     """
     validate.check_nonnegative("clip_by_value", "max_abs", max_abs)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.EmptyState:
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.EmptyState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.EmptyState]:
         del params, extra_args
         tu.check_float_leaves(
             "clip_by_value",

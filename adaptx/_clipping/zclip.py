@@ -66,7 +66,7 @@ class ZClipState(NamedTuple):
         intervention (int32 index into ``tensor_grad_norm``; -1 before any).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mean: jax.Array
     var: jax.Array
     grad_norm: jax.Array
@@ -223,24 +223,20 @@ def zclip(
       <https://arxiv.org/abs/2504.02507>`_, 2025.
     """
     fn = "zclip"
-    validate.check_range(fn, "alpha", alpha, low=0.0, high=1.0, example="0.97")
-    validate.check_positive(fn, "z_thresh", z_thresh, example="2.5")
-    validate.check_int(fn, "warmup_steps", warmup_steps, low=1, traced_ok=True, example="25")
-    if max_norm is not None:
-        validate.check_nonnegative(fn, "max_norm", max_norm, example="1.0")
-    validate.check_choice(fn, "mode", mode, _MODES)
-    validate.check_choice(fn, "clip_option", clip_option, _CLIP_OPTIONS)
-    validate.check_positive(fn, "clip_factor", clip_factor, example="1.0")
-    for name, flag in (
-        ("skip_update_on_spike", skip_update_on_spike),
-        ("zero_on_spike", zero_on_spike),
-    ):
-        if not isinstance(flag, bool):
-            raise ValueError(
-                f"{fn}: `{name}` must be a bool, got {name}={flag!r}. Pass e.g. {name}=True."
-            )
+    _check_args(
+        fn,
+        alpha,
+        z_thresh,
+        warmup_steps,
+        max_norm,
+        mode,
+        clip_option,
+        clip_factor,
+        skip_update_on_spike,
+        zero_on_spike,
+    )
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ZClipState:
         return ZClipState(
             count=jnp.zeros([], jnp.int32),
             mean=jnp.zeros([], jnp.float32),
@@ -255,7 +251,12 @@ def zclip(
             **per_tensor_lib.initial(params, per_tensor),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: ZClipState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ZClipState]:
         del params
         tu.check_float_leaves(fn, updates)
         f32 = jnp.float32
@@ -271,21 +272,7 @@ def zclip(
         mean, var = state.mean, state.var
         std = jnp.sqrt(var)
 
-        # Spike detection and the threshold c_t, against the current statistics.
-        z = (n - mean) / (std + _EPS)
-        if mode == "percentile":
-            detect = mean + zt * std
-            is_spike = n > detect
-            clip_to = detect
-        else:
-            detect = mean + zt * (std + _EPS)
-            is_spike = z > zt
-            if clip_option == "adaptive_scaling":
-                # z_thr * std / (z / z_thr); z > z_thr > 0 wherever it is used.
-                eta = jnp.where(is_spike, z / zt, jnp.ones_like(z))
-                clip_to = (mean + zt * std / eta) * cf
-            else:
-                clip_to = mean
+        z, detect, is_spike, clip_to = _detect(mode, clip_option, n, mean, std, zt, cf)
         spike = ~warm & is_spike
 
         # One scalar scale: the adaptive bound on a spike, the hard ceiling always.
@@ -327,3 +314,56 @@ def zclip(
         return out, new_state
 
     return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+
+
+def _detect(
+    mode: str,
+    clip_option: str,
+    n: jax.Array,
+    mean: jax.Array,
+    std: jax.Array,
+    zt: jax.Array,
+    cf: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Spike detection against the current statistics: ``(z, threshold, is_spike, clip_to)``."""
+    z = (n - mean) / (std + _EPS)
+    if mode == "percentile":
+        detect = mean + zt * std
+        return z, detect, n > detect, detect
+    detect = mean + zt * (std + _EPS)
+    is_spike = z > zt
+    if clip_option == "adaptive_scaling":
+        # z_thr * std / (z / z_thr); z > z_thr > 0 wherever it is used.
+        eta = jnp.where(is_spike, z / zt, jnp.ones_like(z))
+        return z, detect, is_spike, (mean + zt * std / eta) * cf
+    return z, detect, is_spike, mean
+
+
+def _check_args(
+    fn: str,
+    alpha: Any,
+    z_thresh: Any,
+    warmup_steps: Any,
+    max_norm: Any,
+    mode: str,
+    clip_option: str,
+    clip_factor: Any,
+    skip_update_on_spike: Any,
+    zero_on_spike: Any,
+) -> None:
+    validate.check_range(fn, "alpha", alpha, low=0.0, high=1.0, example="0.97")
+    validate.check_positive(fn, "z_thresh", z_thresh, example="2.5")
+    validate.check_int(fn, "warmup_steps", warmup_steps, low=1, traced_ok=True, example="25")
+    if max_norm is not None:
+        validate.check_nonnegative(fn, "max_norm", max_norm, example="1.0")
+    validate.check_choice(fn, "mode", mode, _MODES)
+    validate.check_choice(fn, "clip_option", clip_option, _CLIP_OPTIONS)
+    validate.check_positive(fn, "clip_factor", clip_factor, example="1.0")
+    for name, flag in (
+        ("skip_update_on_spike", skip_update_on_spike),
+        ("zero_on_spike", zero_on_spike),
+    ):
+        if not isinstance(flag, bool):
+            raise ValueError(
+                f"{fn}: `{name}` must be a bool, got {name}={flag!r}. Pass e.g. {name}=True."
+            )

@@ -10,35 +10,8 @@ measurement that justifies its CPU form; the other backends get the plain progra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
-
-
-def slice_starts(starts: Sequence[int]) -> Sequence[jax.Array | int]:
-    """The static ``starts`` of a packed state's slices, as the slices should read them.
-
-    XLA:CPU compiles every slice at a distinct constant offset as a distinct kernel, and
-    its compile time grows with the number of distinct kernels: on 2000 leaves of 500
-    elements, the packed update's slices alone compiled in about 4x the time of one
-    shared kernel (``python -m bench.compile_time``, the ``static`` and ``dynamic``
-    probes). On CPU the starts therefore pass through one ``optimization_barrier``, which
-    hides their values from constant folding: every slice of one size is then one
-    ``dynamic_slice`` kernel, compiled once. Elsewhere they stay Python integers, so each
-    slice is a static slice.
-    """
-    if not starts:
-        return ()
-    consts = tuple(jnp.int32(s) for s in starts)
-
-    def on_cpu(*xs: jax.Array) -> tuple[jax.Array, ...]:
-        return tuple(jax.lax.optimization_barrier(xs))
-
-    def elsewhere(*xs: jax.Array) -> tuple[jax.Array, ...]:
-        return xs
-
-    return jax.lax.platform_dependent(*consts, cpu=on_cpu, default=elsewhere)
 
 
 def spike_mask(mask: jax.Array) -> jax.Array:

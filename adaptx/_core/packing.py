@@ -15,9 +15,12 @@ update per step.
 Which leaf sits where is static: a :class:`Layout` (shapes, dtypes, groups, each packed
 leaf's start), carried as the pytree aux data of the packed state, never as arrays in
 it. A tree map or a cast over the state (``jax.tree.map(jnp.zeros_like, state)``, a
-dtype round trip, a checkpoint restore) therefore cannot move a leaf. How the slices
-at those static starts are compiled is the backend's business
-(``adaptx._core.backend.slice_starts``).
+dtype round trip, a checkpoint restore) therefore cannot move a leaf. Each leaf is cut
+out with a static slice. On XLA:CPU a static slice at each leaf's own offset is a
+kernel of its own, so on a tree of thousands of small leaves the step compiles slower
+than with offsets read at run time (which shared one kernel per shape, but had to live
+in the state as arrays, where a tree map could rewrite them):
+``bench/measured/explicit_core.md`` gives the measurement.
 
 The tree interface is unchanged: ``init(params)`` and ``update(grads, state)`` take
 and return the user's tree; only the state's layout differs.
@@ -31,8 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from adaptx._core import backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,10 +256,11 @@ def unpack(layout: Layout, flats: tuple, bigs: tuple, dtypes: tuple, treedef: An
     ``dtypes`` gives each leaf's output dtype.
     """
     out: list[Any] = [None] * len(layout.shapes)
-    starts = iter(backend.slice_starts(layout.starts))
+    starts = iter(layout.starts)
     for k, g in enumerate(layout.groups):
         for i in g:
-            piece = jax.lax.dynamic_slice(flats[k], (next(starts),), (layout.size(i),))
+            start = next(starts)
+            piece = jax.lax.slice(flats[k], (start,), (start + layout.size(i),))
             out[i] = piece.reshape(layout.shapes[i]).astype(dtypes[i])
     for j, i in enumerate(layout.big):
         out[i] = bigs[j].astype(dtypes[i])

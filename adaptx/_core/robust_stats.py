@@ -106,7 +106,7 @@ def record(
     x: jax.Array,
     *,
     alpha: Any,
-    when: jax.Array,
+    when: jax.Array | bool,
     outlier: jax.Array | bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Folds ``x`` into ``(count, mean, var)`` where ``when`` holds and ``x`` is finite.

@@ -120,7 +120,12 @@ def refuse_complex(
     """``tx``, whose ``update`` raises ``TypeError`` on a complex leaf (naming ``fn``, ``why``)."""
     tx = optax.with_extra_args_support(tx)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, Any]:
         check_float_leaves(fn, updates, allow_complex=False, why=why)
         return tx.update(updates, state, params, **extra_args)
 
@@ -136,8 +141,9 @@ def check_same_structure(
     that mirrors the parameters); the error names the first leaf that does not.
     Runs at trace time only.
     """
-    sa = jax.tree.structure(a, is_leaf=lambda x: x is None)
-    sb = jax.tree.structure(b, is_leaf=lambda x: x is None)
+    # Any: jaxlib's PyTreeDef has no stubs
+    sa: Any = jax.tree.structure(a, is_leaf=lambda x: x is None)
+    sb: Any = jax.tree.structure(b, is_leaf=lambda x: x is None)
     if sa != sb:
         raise ValueError(
             f"{fn}: the {a_name} tree and the {b_name} tree have different structures.\n"
@@ -279,7 +285,7 @@ def unzip(out: Tree, like: Tree, n: int) -> tuple[Tree, ...]:
     Lets one per-leaf function return the update and every new state array, so a
     transform is a single ``tree.map`` (one fused elementwise pass per leaf).
     """
-    treedef = jax.tree.structure(like)
+    treedef: Any = jax.tree.structure(like)  # jaxlib's PyTreeDef has no stubs
     leaves = treedef.flatten_up_to(out)
     return tuple(treedef.unflatten([t[i] for t in leaves]) for i in range(n))
 

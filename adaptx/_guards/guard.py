@@ -101,7 +101,7 @@ class _LossVerdict(NamedTuple):
     nonfinite: jax.Array
     spike: jax.Array
     loss: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mean: jax.Array
     var: jax.Array
     z: jax.Array

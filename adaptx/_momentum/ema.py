@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ class EmaState(NamedTuple):
       ema: the (not bias-corrected) moving average, one array per parameter.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     ema: optax.Updates
 
 
@@ -64,10 +64,15 @@ def ema(
     validate.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
     dtype = tu.canonical_dtype(accumulator_dtype)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> EmaState:
         return EmaState(count=jnp.zeros([], jnp.int32), ema=tu.zeros_like(params, dtype=dtype))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: EmaState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, EmaState]:
         del params
         skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)

@@ -24,7 +24,7 @@ class MomentumState(NamedTuple):
 
 
 def momentum(
-    decay: float | jax.Array = 0.9, *, nesterov: bool = False, dtype: Any = None
+    decay: jax.typing.ArrayLike = 0.9, *, nesterov: bool = False, dtype: Any = None
 ) -> optax.GradientTransformationExtraArgs:
     r"""Heavy-ball momentum (the semantics of ``optax.trace``).
 
@@ -66,10 +66,15 @@ def momentum(
     validate.check_dtype(fn, "dtype", dtype)
     dtype = tu.canonical_dtype(dtype)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> MomentumState:
         return MomentumState(trace=tu.zeros_like(params, dtype=dtype))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: MomentumState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, MomentumState]:
         del params
         skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)

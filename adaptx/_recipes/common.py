@@ -44,7 +44,12 @@ def add_decayed_weights(fn: str, weight_decay: Any, mask: Any) -> optax.Gradient
     """
     inner = optax.with_extra_args_support(optax.add_decayed_weights(weight_decay, mask))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, Any]:
         if params is not None:
             tu.check_same_structure(fn, updates, params, "updates", "params", shapes=True)
         return inner.update(updates, state, params, **extra_args)

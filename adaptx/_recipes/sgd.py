@@ -66,13 +66,11 @@ def sgd(
     if momentum is not None:
         validate.check_decay(fn, "momentum", momentum)
     validate.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
-    use_momentum = momentum is not None and not (
-        isinstance(momentum, int | float) and momentum == 0
-    )
+    no_momentum = momentum is None or (isinstance(momentum, int | float) and momentum == 0)
     return chain(
         optional_clip(max_norm, per_tensor, "sgd"),
-        momentum_tx(momentum, nesterov=nesterov, dtype=accumulator_dtype)
-        if use_momentum
-        else optax.identity(),
+        optax.identity()
+        if momentum is None or no_momentum
+        else momentum_tx(momentum, nesterov=nesterov, dtype=accumulator_dtype),
         optax.scale_by_learning_rate(learning_rate),
     )

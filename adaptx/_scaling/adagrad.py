@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,12 +67,17 @@ def scale_by_adagrad(
     validate.check_dtype(fn, "dtype", dtype)
     dtype = tu.canonical_dtype(dtype)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ScaleByAdagradState:
         return ScaleByAdagradState(
             sum_of_squares=tu.full_like(params, initial_accumulator_value, dtype=dtype)
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByAdagradState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByAdagradState]:
         del params
         skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)

@@ -150,7 +150,7 @@ def no_scalars(count: jax.Array) -> None:
 class Moments(NamedTuple):
     """The moments an engine step stores (packed or one array per leaf)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     mu: Any
     nu: Any
 

@@ -192,7 +192,9 @@ def _scale_packed(
         g, s_pow = _gradient(ctx, g_flat, acc), None
     else:  # the unscaled gradient, and the clip's scale to the reduction's degree
         g = g_flat.astype(acc)
-        s_pow = None if ctx.scale is None else ctx.scale.astype(acc) ** red.degree
+        s_pow = None
+        if ctx.scale is not None and red.degree is not None:
+            s_pow = ctx.scale.astype(acc) ** red.degree
     sums = jax.ops.segment_sum(red.terms(k, g, out.v_acc), seg, len(group), indices_are_sorted=True)
     if s_pow is not None:
         w = s_pow * w

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ class ScaleByRmsState(NamedTuple):
       nu: running mean of squared gradients, in ``nu_dtype``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     nu: optax.Updates
 
 
@@ -82,12 +82,17 @@ def scale_by_rms(
     validate.check_dtype(fn, "nu_dtype", nu_dtype)
     nu_dtype = tu.canonical_dtype(nu_dtype)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ScaleByRmsState:
         return ScaleByRmsState(
             count=jnp.zeros([], jnp.int32), nu=tu.full_like(params, initial_scale, dtype=nu_dtype)
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByRmsState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByRmsState]:
         del params
         skip = skip_lib.decision(extra_args)
         tu.check_float_leaves(fn, updates, allow_complex=True)

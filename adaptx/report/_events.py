@@ -273,11 +273,11 @@ def summarize(records: list[dict]) -> list[Event]:
         norm = as_float(row.get(ctx.norm)) if ctx.norm else None
         finite = norm is not None and math.isfinite(norm)
         ratio = None
-        if finite and healthy and float(np.median(healthy)) > 0:
+        if norm is not None and finite and healthy and float(np.median(healthy)) > 0:
             ratio = norm / float(np.median(healthy))
         kind = min((k for k, _ in found), key=order.index, default=None)
         if kind in (None, "clip"):
-            if finite and norm > 0:
+            if norm is not None and finite and norm > 0:
                 healthy.append(norm)
         if kind is None:
             continue

@@ -69,7 +69,8 @@ def transforms(keys: list[str]) -> dict[str, set[str]]:
 def _preferred(keys: list[str], transform=lambda key: split_key(key).transform) -> str | None:
     """A guard's key if there is one (it sees every incoming gradient), else the first."""
     guards = [k for k in keys if transform(k) == "guard"]
-    return (guards or keys or [None])[0]
+    found = guards or keys
+    return found[0] if found else None
 
 
 def norm_key(keys: list[str]) -> str | None:
@@ -132,4 +133,5 @@ def tensor_keys(keys: list[str], figure: str = TENSOR_NORM) -> dict[str, str]:
         return {}
     most = max(len(g) for g in groups.values())
     tied = sorted(p for p, g in groups.items() if len(g) == most)
-    return groups[_preferred(tied, transform=lambda prefix: prefix.rsplit("/", 1)[-1])]
+    chosen = _preferred(tied, transform=lambda prefix: prefix.rsplit("/", 1)[-1])
+    return groups[chosen] if chosen is not None else {}

@@ -33,7 +33,7 @@ STYLES = {
 }
 
 
-def _positive(x: np.ndarray) -> np.ndarray:
+def _positive(x: np.ndarray | float) -> np.ndarray:
     """``x`` with the values a log axis cannot show (<= 0, non-finite) set to NaN."""
     return np.where(np.isfinite(x) & (x > 0), x, np.nan)
 
