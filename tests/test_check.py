@@ -164,8 +164,8 @@ def test_bad_arguments():
         adaptx.check({"guard/diverged": np.ones(3)})
 
 
-def test_todays_guard_figures_have_no_diverged_key_and_pass():
-    """A guard without ``diverged`` never declares divergence, even after many NaN steps."""
+def test_without_a_limit_the_guard_never_declares_divergence():
+    """``diverged`` stays 0 without ``max_consecutive_nonfinite``, even after many NaN steps."""
     tx = adaptx.robust_adamw(1e-2, per_tensor=True)
     params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
     state = tx.init(params)
@@ -173,22 +173,32 @@ def test_todays_guard_figures_have_no_diverged_key_and_pass():
     for _ in range(4):
         _, state = tx.update(nan, state, params, value=jnp.float32(1.0))
     figures = jax.device_get(adaptx.telemetry(state, per_tensor=True))
-    assert "guard/diverged" not in figures and int(figures["guard/consecutive"]) == 4
+    assert int(figures["guard/diverged"]) == 0 and int(figures["guard/consecutive"]) == 4
+    assert int(figures["guard/consecutive_nonfinite"]) == 4
     assert adaptx.check(figures) is None
     assert adaptx.check(adaptx.telemetry(state)) is None  # device arrays too
     with pytest.raises(adaptx.DivergedError, match="parameters are not finite"):
         adaptx.check({**figures, "monitor/param_norm": np.float32(np.nan)})
 
 
-def test_a_real_guard_with_hand_added_divergence_figures():
-    tx = adaptx.guard(optax.sgd(1e-2), per_tensor=True)
+def test_a_real_guard_declares_divergence_after_its_limit():
+    tx = adaptx.guard(optax.sgd(1e-2), per_tensor=True, max_consecutive_nonfinite=3)
     params = {"enc": jnp.ones(2), "dec": jnp.ones(2)}
     state = tx.init(params)
-    _, state = tx.update({"enc": jnp.ones(2), "dec": jnp.array([1.0, jnp.inf])}, state, params)
+    step = jax.jit(lambda g, s: tx.update(g, s, params))
+    _, state = step({"enc": jnp.ones(2), "dec": jnp.ones(2)}, state)
+    bad = {"enc": jnp.ones(2), "dec": jnp.array([1.0, jnp.inf])}
+    for t in range(3):
+        assert adaptx.check(jax.device_get(adaptx.telemetry(state, per_tensor=True))) is None
+        _, state = step(bad, state)
     figures = jax.device_get(adaptx.telemetry(state, per_tensor=True))
-    figures.update({"guard/diverged": np.int32(1), "guard/consecutive_nonfinite": np.int32(1)})
+    assert int(figures["guard/diverged"]) == 1
     with pytest.raises(adaptx.DivergedError) as info:
         adaptx.check(figures)
     assert info.value.tensor == "dec"
     assert info.value.reason == "non-finite gradients"
-    assert info.value.step is None
+    assert info.value.step == 4
+    # a healthy step afterwards does not undo the verdict
+    _, state = step({"enc": jnp.ones(2), "dec": jnp.ones(2)}, state)
+    with pytest.raises(adaptx.DivergedError):
+        adaptx.check(jax.device_get(adaptx.telemetry(state)))
