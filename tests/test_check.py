@@ -188,7 +188,7 @@ def test_a_real_guard_declares_divergence_after_its_limit():
     step = jax.jit(lambda g, s: tx.update(g, s, params))
     _, state = step({"enc": jnp.ones(2), "dec": jnp.ones(2)}, state)
     bad = {"enc": jnp.ones(2), "dec": jnp.array([1.0, jnp.inf])}
-    for t in range(3):
+    for _ in range(3):
         assert adaptx.check(jax.device_get(adaptx.telemetry(state, per_tensor=True))) is None
         _, state = step(bad, state)
     figures = jax.device_get(adaptx.telemetry(state, per_tensor=True))
