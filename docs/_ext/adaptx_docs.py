@@ -66,6 +66,13 @@ SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ),
     ("Momentum", "-", "Momentum and moving averages.", ("adaptx._momentum",)),
     ("Guards", "-", "Skip, undo or rescale a bad step.", ("adaptx._guards", "adaptx._nnx")),
+    (
+        "Composing",
+        "-",
+        "Chain transforms into one program that honours a guard's skip and folds a global "
+        "clip into the Adam-family step after it.",
+        ("adaptx._chain", "adaptx._clipping.scalar_clip"),
+    ),
     ("Recipes", "-", "Whole optimizers, built from the parts above.", ("adaptx._recipes",)),
     (
         "Telemetry",
