@@ -151,17 +151,20 @@ def scale_by_adam(
     **Many small leaves.** With ``pack_small_leaves`` :math:`k`, the moments of every
     leaf with at most :math:`k` elements live in one flat buffer per dtype (a
     ``PackedTree``); each step concatenates those leaves' gradients once, updates the
-    moments in one fused pass, and cuts each leaf's update out at an offset kept in
-    the state. The numbers are the same as without packing; on a tree of hundreds or
-    thousands of small leaves the step compiles several times faster and carries two
-    state buffers instead of two per leaf. The updates still come back as a tree
-    shaped like the gradients. With ``update_rms_clip``, each packed tensor's RMS is
-    reduced over its own slices of the flat buffers. Leaves larger than
-    :math:`k` keep their own buffers, and so does a leaf that ``init`` sees sharded
-    across devices (concatenating it would gather it); under ``jit`` with automatic
-    sharding ``init`` cannot see that, so call it outside ``jit`` or under
-    ``jax.set_mesh``. Code that expects the moments shaped like the parameters (a
-    checkpoint of an unpacked state, ``optax.tree_map_params``) sees a ``PackedTree``;
+    moments in one fused pass, and cuts each leaf's update out with a static slice. The
+    numbers are the same as without packing, and the state carries two buffers per dtype
+    instead of two per leaf; the updates still come back as a tree shaped like the
+    gradients. Which leaf sits where is static pytree data (the ``PackedTree``'s layout),
+    so a tree map or a cast over the state cannot move a leaf. With ``update_rms_clip``,
+    each packed tensor's RMS is reduced over its own slice of the flat buffers. Leaves
+    larger than :math:`k` keep their own buffers, and so does a leaf whose *abstract*
+    sharding (``jax.typeof(leaf).sharding``) splits it across devices, since
+    concatenating it would gather it: on a mesh with explicit axes (``jax.make_mesh``'s
+    default) that is the same inside and outside ``jit``, under ``jax.eval_shape`` and on
+    a checkpoint's abstract target. Under automatic (``Auto``) axes nothing is known and
+    the leaf counts as replicated: give such a model explicit axes, or leave it unpacked.
+    Code that expects the moments shaped like the parameters (a checkpoint of an unpacked
+    state, ``optax.tree_map_params``) sees a ``PackedTree``;
     ``state.mu.unpacked(params)`` gives the per-leaf view.
 
     Args:
