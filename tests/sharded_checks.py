@@ -556,7 +556,7 @@ def _shard_map_checks():
         "shard_map/adagc": lambda: check(
             lambda ax: adaptx.adagc(lambda_abs=4.0, warmup_steps=3, axis_name=ax),
             spiky,
-            figures("adagc/grad_norm", "adagc/num_clipped", "adagc/gamma_mean"),
+            figures("adagc/grad_norm", "adagc/tensors_clipped", "adagc/gamma_mean"),
         ),
         "shard_map/guard_nonfinite": lambda: check(
             lambda ax: adaptx.guard(adaptx.sgd(0.1, momentum=0.9, max_norm=None), axis_name=ax),
@@ -583,7 +583,7 @@ def _shard_map_checks():
         "shard_map/adagc_per_tensor": lambda: check(
             lambda ax: adaptx.adagc(lambda_abs=4.0, warmup_steps=3, axis_name=ax, per_tensor=True),
             spiky,
-            figures("adagc/grad_norm", "adagc/num_clipped"),
+            figures("adagc/grad_norm", "adagc/tensors_clipped"),
         ),
     }
 

@@ -113,7 +113,7 @@ def test_matches_reference_step_by_step(config):
                 u[k], np.asarray(g[k]) * r["scales"][i], rtol=2e-5, atol=1e-7, err_msg=msg
             )
             np.testing.assert_allclose(float(s.gamma[k]), r["gamma"][i], rtol=2e-5, err_msg=msg)
-        assert int(s.num_clipped) == sum(x < 1 for x in r["scales"]), msg
+        assert int(s.tensors_clipped) == sum(x < 1 for x in r["scales"]), msg
         np.testing.assert_allclose(float(s.gamma_mean), np.mean(r["gamma"]), rtol=2e-5)
         assert int(s.count) == t
 
@@ -124,7 +124,7 @@ def test_warmup_clips_the_whole_tree_by_global_norm():
     updates, state = tx.update(grads, tx.init(grads))
     np.testing.assert_allclose(updates["a"], [0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(updates["b"], [0.0, 0.8], rtol=1e-6)
-    assert int(state.num_clipped) == 2
+    assert int(state.tensors_clipped) == 2
     # The reference norms are the clipped norms.
     np.testing.assert_allclose([float(state.gamma["a"]), float(state.gamma["b"])], [0.6, 0.8])
 
@@ -146,7 +146,7 @@ def test_after_warmup_a_spike_in_one_tensor_leaves_the_others_untouched():
     updates, state = tx.update(spike, state)
     np.testing.assert_allclose(updates["a"], [1.05 * 0.5], rtol=1e-6)
     np.testing.assert_array_equal(updates["b"], [0.5])
-    assert int(state.num_clipped) == 1
+    assert int(state.tensors_clipped) == 1
     # The EMA is fed the clipped norm, not the spike.
     np.testing.assert_allclose(float(state.gamma["a"]), 0.98 * 0.5 + 0.02 * 0.525, rtol=1e-6)
 
@@ -316,7 +316,7 @@ def test_telemetry_reports_every_figure_as_a_scalar():
     for g in grads:
         _, state = tx.update(g, state)
     figures = adaptx.telemetry(state)
-    assert list(figures) == ["adagc/grad_norm", "adagc/num_clipped", "adagc/gamma_mean"]
+    assert list(figures) == ["adagc/grad_norm", "adagc/tensors_clipped", "adagc/gamma_mean"]
     assert all(v.shape == () for v in figures.values())
 
 

@@ -103,7 +103,7 @@ def test_block_rms_clips_each_block_separately_and_counts():
     np.testing.assert_allclose(updates["big"], 1.0, rtol=1e-6)
     np.testing.assert_array_equal(updates["small"], grads["small"])
     np.testing.assert_array_equal(updates["mid"], grads["mid"])
-    assert int(state.num_clipped) == 1
+    assert int(state.tensors_clipped) == 1
 
 
 def test_agc_clips_units_not_tensors():

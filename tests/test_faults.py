@@ -163,7 +163,7 @@ def test_spike_adagc_bounds_each_tensor_by_lambda_rel_times_its_reference(factor
         gamma = float(spike["before"].gamma[key])
         assert gamma > 0
         assert norm64({key: spike["out"][key]}) <= 1.05 * gamma * (1 + 1e-6)
-    assert int(spike["after"].num_clipped) == 2
+    assert int(spike["after"].tensors_clipped) == 2
 
 
 @pytest.mark.parametrize("factor", FACTORS)
@@ -176,7 +176,7 @@ def test_spike_update_clipped_adam_step_is_no_larger_than_a_normal_step(factor):
     normal = sizes[10:SPIKE_AT].max()
     assert sizes[SPIKE_AT] <= normal
     assert sizes[SPIKE_AT + 1 :].max() <= 1.5 * normal
-    assert int(steps[SPIKE_AT]["after"][0].update_clipped) >= 1
+    assert int(steps[SPIKE_AT]["after"][0].tensors_clipped) >= 1
 
 
 @pytest.mark.parametrize("factor", FACTORS)

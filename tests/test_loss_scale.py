@@ -40,7 +40,7 @@ def test_scale_schedule_matches_the_rule():
         if c == "b":
             np.testing.assert_array_equal(u["w"], 0.0)
     assert got == expected
-    assert int(state.skipped) == pattern.count("b")
+    assert int(state.nonfinite_skipped) == pattern.count("b")
 
 
 @jax.numpy_dtype_promotion("standard")  # optax.adam is not strict-clean
@@ -74,7 +74,7 @@ def test_float16_training_with_the_loss_scale():
     grads = jax.grad(loss)(params, adaptx.loss_scale(state))
     updates, state = tx.update(grads, state, params)
     np.testing.assert_allclose(updates["w"], -1e-8, rtol=1e-2)
-    assert int(state.skipped) == 0
+    assert int(state.nonfinite_skipped) == 0
 
 
 def test_loss_scale_needs_exactly_one():

@@ -119,7 +119,7 @@ def test_packed_update_clipping_is_still_per_tensor(recipe):
     assert set(figures1) == set(figures2)
     for key, value in figures1.items():
         np.testing.assert_allclose(float(value), float(figures2[key]), rtol=1e-5, err_msg=key)
-    assert int(figures2["scale_by_adam/update_clipped"]) >= 1
+    assert int(figures2["scale_by_adam/tensors_clipped"]) >= 1
 
 
 def test_packed_robust_adamw_skips_a_nan_step():

@@ -178,8 +178,8 @@ RULES = [
     ({"guard/last_reason": 0}, {"guard/last_reason": 9}, "skip", "(reason 9)"),
     ({"guard/skipped": 0}, {"guard/skipped": 1}, "skip", "skipped by guard"),
     (
-        {"dynamic_loss_scale/skipped": 3, "dynamic_loss_scale/scale": 2.0**15},
-        {"dynamic_loss_scale/skipped": 4, "dynamic_loss_scale/scale": 2.0**14},
+        {"dynamic_loss_scale/nonfinite_skipped": 3, "dynamic_loss_scale/scale": 2.0**15},
+        {"dynamic_loss_scale/nonfinite_skipped": 4, "dynamic_loss_scale/scale": 2.0**14},
         "skip_nonfinite",
         "skipped by dynamic_loss_scale (non-finite gradients)",
     ),
@@ -190,9 +190,28 @@ RULES = [
     ({"zclip/spike": 0}, {"zclip/spike": 1}, "spike", "spike clipped by zclip"),
     ({"0/clip_by_global_norm/scale": 1.0}, {"0/clip_by_global_norm/scale": 0.5}, "clip", "0.5)"),
     ({"autoclip/scale": 1.0}, {"autoclip/scale": 0.98}, "clip", "clipped by autoclip"),
-    ({"adagc/num_clipped": 0}, {"adagc/num_clipped": 3}, "clip", "3 tensors clipped by adagc"),
-    ({"clip_by_block_rms/num_clipped": 0}, {"clip_by_block_rms/num_clipped": 2}, "clip", "2 t"),
-    ({"scale_by_adam/update_clipped": 0}, {"scale_by_adam/update_clipped": 1}, "clip", "1 tensor"),
+    (
+        {"adagc/tensors_clipped": 0},
+        {"adagc/tensors_clipped": 3},
+        "clip",
+        "3 tensors clipped by adagc",
+    ),
+    (
+        {"clip_by_block_rms/tensors_clipped": 0},
+        {"clip_by_block_rms/tensors_clipped": 2},
+        "clip",
+        "2 t",
+    ),
+    (
+        {"scale_by_adam/tensors_clipped": 0},
+        {"scale_by_adam/tensors_clipped": 1},
+        "clip",
+        "1 tensor clipped by scale_by_adam",
+    ),
+    # a transform the report has never heard of, read by its counters' names alone
+    ({"new_clip/num_clipped": 4}, {"new_clip/num_clipped": 5}, "clip", "clipped by new_clip"),
+    ({"new_clip/tensors_clipped": 0}, {"new_clip/tensors_clipped": 1}, "clip", "1 tensor clipped"),
+    ({"new_guard/nonfinite_skipped": 0}, {"new_guard/nonfinite_skipped": 1}, "skip_nonfinite", ""),
 ]
 
 
@@ -209,8 +228,17 @@ def test_event_rules(before, after, kind, phrase):
     [
         # a loss scale below 0.99 is no clip; neither is an unclipped step (scale 0.995)
         [{"step": 0, "dynamic_loss_scale/scale": 0.5, "clip_by_global_norm/scale": 0.995}],
-        # cumulative counters that stay put, and clip_spikes' cumulative num_clipped
-        [{"step": s, "guard/skipped": 4, "clip_spikes/num_clipped": s} for s in (7, 8)],
+        # cumulative counters that stay put, and a cumulative num_clipped that went up on
+        # a clip by less than 1 % (its scale says so)
+        [
+            {
+                "step": s,
+                "guard/skipped": 4,
+                "clip_spikes/num_clipped": s,
+                "clip_spikes/scale": 0.995,
+            }
+            for s in (7, 8)
+        ],
         # the first line of a resumed log: its counters are not news
         [{"step": 100, "guard/skipped": 4, "rewind/rewinds": 1, "loss": 1.0}],
     ],

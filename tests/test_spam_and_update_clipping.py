@@ -160,7 +160,7 @@ def test_update_clipping_matches_reference_on_underestimated_second_moments():
         expected, rms = ref[t]
         np.testing.assert_allclose(u, expected, rtol=2e-4, atol=1e-7, err_msg=f"step {t + 1}")
         np.testing.assert_allclose(float(state.max_update_rms), rms, rtol=1e-4)
-        assert int(state.update_clipped) == int(rms > 1.0)
+        assert int(state.tensors_clipped) == int(rms > 1.0)
         clipped_steps += int(rms > 1.0)
     assert clipped_steps >= 3
 
@@ -180,7 +180,7 @@ def test_update_clipping_is_per_tensor():
     u_plain, _ = plain.update(g, pstate)
     np.testing.assert_allclose(u["calm"], u_plain["calm"], rtol=1e-6)
     assert float(jnp.max(jnp.abs(u["spiky"]))) < float(jnp.max(jnp.abs(u_plain["spiky"])))
-    assert int(state.update_clipped) == 1
+    assert int(state.tensors_clipped) == 1
 
 
 def test_defaults_are_unchanged_and_state_is_plain():
@@ -194,7 +194,7 @@ def test_telemetry_reports_spam_and_clipping_figures():
     _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
     assert set(adaptx.telemetry(state)) == {
         "scale_by_adam/spikes",
-        "scale_by_adam/update_clipped",
+        "scale_by_adam/tensors_clipped",
         "scale_by_adam/max_update_rms",
         "scale_by_adam/momentum_scale",
     }

@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 import adaptx
+from adaptx._core import telemetry as telemetry_lib
+from adaptx.report import _events as report_events
 
 PARAMS = {"w": jnp.zeros((2,)), "b": jnp.zeros((1,))}
 GRADS = {"w": jnp.array([6.0, 8.0]), "b": jnp.array([0.0])}  # norm 10
@@ -92,4 +94,39 @@ def test_reads_a_flax_nnx_optimizer():
 def test_per_tensor_figures_become_scalars():
     tx = adaptx.clip_by_block_rms(1.0)
     figures = adaptx.telemetry(one_step(tx))
-    assert int(figures["clip_by_block_rms/num_clipped"]) == 1
+    assert int(figures["clip_by_block_rms/tensors_clipped"]) == 1
+
+
+def _looks_like_a_counter(field: str) -> bool:
+    return field.startswith("num_") or field.endswith(("_clipped", "_skipped"))
+
+
+def test_every_counter_is_in_the_vocabulary():
+    registered = {name: fields for name, fields in telemetry_lib._REGISTRY.values()}
+    assert {"adagc", "clip_by_block_rms", "scale_by_adam", "zclip", "guard"} <= set(registered)
+    unknown = {
+        f"{name}/{field}"
+        for name, fields in registered.items()
+        for field in fields
+        if _looks_like_a_counter(field) and field not in telemetry_lib.COUNTERS
+    }
+    assert not unknown, f"add these to adaptx._core.telemetry.COUNTERS, or rename them: {unknown}"
+    reported = {field for fields in registered.values() for field in fields}
+    assert set(telemetry_lib.COUNTERS) <= reported  # no meaning without a figure
+
+
+def test_each_state_points_at_the_vocabulary_for_its_counters():
+    for cls, (name, fields) in telemetry_lib._REGISTRY.items():
+        counters = [f for f in fields if f in telemetry_lib.COUNTERS]
+        if counters:
+            assert "adaptx._core.telemetry.COUNTERS" in " ".join(cls.__doc__.split()), name
+            assert all(f"``{f}``" in cls.__doc__ for f in counters), (name, counters)
+
+
+def test_the_report_reads_counters_of_the_vocabulary_only():
+    read = {**report_events.CUMULATIVE, **report_events.PER_STEP, **report_events.FLAGS}
+    assert set(read) <= set(telemetry_lib.COUNTERS)
+    for name in report_events.CUMULATIVE:
+        assert "so far" in telemetry_lib.COUNTERS[name], name
+    for name in report_events.PER_STEP:
+        assert "at the last step" in telemetry_lib.COUNTERS[name], name

@@ -18,11 +18,14 @@ from adaptx._core.telemetry import reports
 
 @reports(
     "adagc",
-    *("grad_norm", "num_clipped", "gamma_mean"),
+    *("grad_norm", "tensors_clipped", "gamma_mean"),
     per_tensor=("tensor_grad_norm", "tensor_clip_factor", "top_tensor"),
 )
 class AdaGCState(NamedTuple):
     """State of :func:`adagc`.
+
+    ``tensors_clipped`` is a counter: it means what ``adaptx._core.telemetry.COUNTERS``
+    says, in every state that reports it.
 
     Attributes:
       count: number of steps taken (int32, saturating).
@@ -31,8 +34,8 @@ class AdaGCState(NamedTuple):
         been recorded for that tensor yet.
       grad_norm: global L2 norm of the incoming gradients at the last step, before
         clipping (float32).
-      num_clipped: how many tensors were scaled down at the last step (int32).
-        During warm-up, every tensor when the global clip engaged, else 0.
+      tensors_clipped: tensors scaled down at the last step (int32). During warm-up,
+        every tensor when the global clip engaged, else 0.
       gamma_mean: mean of ``gamma`` over the tensors after the last step (float32).
       tensor_grad_norm: with ``per_tensor``, each leaf's gradient norm at the last
         step (``TensorFigures``, float32); ``None`` otherwise.
@@ -45,7 +48,7 @@ class AdaGCState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     gamma: optax.Updates
     grad_norm: jax.Array
-    num_clipped: jax.Array
+    tensors_clipped: jax.Array
     gamma_mean: jax.Array
     tensor_grad_norm: per_tensor_lib.TensorFigures | None = None
     tensor_clip_factor: per_tensor_lib.TensorFigures | None = None
@@ -134,7 +137,7 @@ def adagc(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
       :class:`AdaGCState`; :func:`adaptx.telemetry` reports ``grad_norm``,
-      ``num_clipped`` and ``gamma_mean``.
+      ``tensors_clipped`` and ``gamma_mean``.
 
     Examples:
       >>> import jax.numpy as jnp, adaptx
@@ -146,7 +149,7 @@ def adagc(
       >>> updates, state = tx.update(spike, state)
       >>> updates["a"], updates["b"]  # only "a" is clipped, to 1.05 * 0.6
       (Array([0.63, 0.  ], dtype=float32), Array([0. , 0.3], dtype=float32))
-      >>> int(adaptx.telemetry(state)["adagc/num_clipped"])
+      >>> int(adaptx.telemetry(state)["adagc/tensors_clipped"])
       1
 
     References:
@@ -164,7 +167,7 @@ def adagc(
             count=jnp.zeros([], jnp.int32),
             gamma=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
             grad_norm=jnp.zeros([], jnp.float32),
-            num_clipped=jnp.zeros([], jnp.int32),
+            tensors_clipped=jnp.zeros([], jnp.int32),
             gamma_mean=jnp.zeros([], jnp.float32),
             **_initial_figures(params, per_tensor),
         )
@@ -220,7 +223,7 @@ def adagc(
             count=count,
             gamma=treedef.unflatten(list(new_gamma)),
             grad_norm=global_norm.astype(state.grad_norm.dtype),
-            num_clipped=jnp.sum(s < 1, dtype=jnp.int32),
+            tensors_clipped=jnp.sum(s < 1, dtype=jnp.int32),
             gamma_mean=jnp.mean(new_gamma).astype(state.gamma_mean.dtype),
         )
         if per_tensor and state.tensor_clip_factor is not None:

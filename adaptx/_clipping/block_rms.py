@@ -14,15 +14,18 @@ from adaptx._core import validate
 from adaptx._core.telemetry import reports
 
 
-@reports("clip_by_block_rms", "num_clipped")
+@reports("clip_by_block_rms", "tensors_clipped")
 class ClipByBlockRmsState(NamedTuple):
     """State of :func:`clip_by_block_rms`.
 
+    ``tensors_clipped`` is a counter: it means what ``adaptx._core.telemetry.COUNTERS``
+    says, in every state that reports it.
+
     Attributes:
-      num_clipped: how many tensors (blocks) were rescaled at the last step (int32).
+      tensors_clipped: tensors (blocks) scaled down at the last step (int32).
     """
 
-    num_clipped: jax.Array
+    tensors_clipped: jax.Array
 
 
 def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformationExtraArgs:
@@ -53,7 +56,7 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
       >>> updates, state = tx.update(grads, tx.init(grads))
       >>> updates["a"], updates["b"]
       (Array([ 1., -1.], dtype=float32), Array([0.5, 0.5], dtype=float32))
-      >>> int(state.num_clipped)
+      >>> int(state.tensors_clipped)
       1
 
     References:
@@ -64,7 +67,7 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
 
     def init_fn(params: optax.Params) -> ClipByBlockRmsState:
         del params
-        return ClipByBlockRmsState(num_clipped=jnp.zeros([], jnp.int32))
+        return ClipByBlockRmsState(tensors_clipped=jnp.zeros([], jnp.int32))
 
     def update_fn(
         updates: optax.Updates,
@@ -88,6 +91,6 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
         out = jax.tree.unflatten(treedef, out)
         if state is None or isinstance(state, optax.EmptyState):  # optax's stateless form
             return out, state
-        return out, ClipByBlockRmsState(num_clipped=num)
+        return out, ClipByBlockRmsState(tensors_clipped=num)
 
     return skip_lib.by_selection(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -24,6 +24,9 @@ from adaptx._core.telemetry import reports
 class ClipSpikesState(NamedTuple):
     """State of :func:`clip_spikes`.
 
+    ``spike`` and ``num_clipped`` are counters: they mean what
+    ``adaptx._core.telemetry.COUNTERS`` says, in every state that reports them.
+
     Attributes:
       count: finite, nonzero norms recorded so far (int32, saturating).
       log_mean: running mean :math:`\\mu` of :math:`\\log\\|g\\|` (float32).

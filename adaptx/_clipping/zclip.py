@@ -38,6 +38,9 @@ _CLIP_OPTIONS = ("adaptive_scaling", "mean")
 class ZClipState(NamedTuple):
     """State of :func:`zclip`.
 
+    ``spike``, ``num_clipped`` and ``num_skipped`` are counters: they mean what
+    ``adaptx._core.telemetry.COUNTERS`` says, in every state that reports them.
+
     Attributes:
       count: number of finite, nonzero gradient norms seen so far (int32,
         saturating). The first ``warmup_steps`` of them are the warm-up.

@@ -39,6 +39,10 @@ OK, NONFINITE, SPIKE, NONFINITE_LOSS, LOSS_SPIKE, GRAD_NORM_LIMIT, LOSS_LIMIT = 
 class GuardState(NamedTuple):
     """State of :func:`guard`.
 
+    ``skipped``, ``consecutive``, ``forced``, ``steps``, ``consecutive_nonfinite`` and
+    ``diverged`` are counters: they mean what ``adaptx._core.telemetry.COUNTERS`` says, in
+    every state that reports them.
+
     Attributes:
       inner_state: the wrapped transformation's state (untouched by skipped steps).
       count: norms recorded in the spike statistics (int32).

@@ -14,21 +14,25 @@ from adaptx._core import validate
 from adaptx._core.telemetry import reports
 
 
-@reports("dynamic_loss_scale", "scale", "good_steps", "skipped")
+@reports("dynamic_loss_scale", "scale", "good_steps", "nonfinite_skipped")
 class DynamicLossScaleState(NamedTuple):
     """State of :func:`dynamic_loss_scale`.
+
+    ``good_steps`` and ``nonfinite_skipped`` are counters: they mean what
+    ``adaptx._core.telemetry.COUNTERS`` says, in every state that reports them.
 
     Attributes:
       scale: the loss scale to use for the next step (float32).
       good_steps: finite steps since the scale last changed (int32).
-      skipped: non-finite steps skipped so far (int32, saturating).
+      nonfinite_skipped: steps skipped so far because their gradients were not finite
+        (int32, saturating).
       inner_state: the wrapped transformation's state (``optax.EmptyState`` when
         used as a chain element).
     """
 
     scale: jax.Array
     good_steps: jax.Array
-    skipped: jax.Array
+    nonfinite_skipped: jax.Array
     inner_state: optax.OptState
 
 
@@ -84,7 +88,7 @@ def dynamic_loss_scale(
       >>> optax.apply_updates(params, updates)["w"]
       Array([0.8, 0.8], dtype=float16)
       >>> _, state = tx.update({"w": jnp.array([jnp.inf, 0], jnp.float16)}, state, params)
-      >>> float(adaptx.loss_scale(state)), int(state.skipped)
+      >>> float(adaptx.loss_scale(state)), int(state.nonfinite_skipped)
       (512.0, 1)
 
     References:
@@ -106,7 +110,7 @@ def dynamic_loss_scale(
         return DynamicLossScaleState(
             scale=tu.as_scalar(init_scale, jnp.float32),
             good_steps=jnp.zeros([], jnp.int32),
-            skipped=jnp.zeros([], jnp.int32),
+            nonfinite_skipped=jnp.zeros([], jnp.int32),
             inner_state=optax.EmptyState() if wrapped is None else wrapped.init(params),
         )
 
@@ -137,12 +141,12 @@ def dynamic_loss_scale(
         new = DynamicLossScaleState(
             scale=jnp.where(finite, grown, backed_off).astype(jnp.float32),
             good_steps=jnp.where(grow, 0, good).astype(jnp.int32),
-            skipped=tu.count_if(~finite, state.skipped),
+            nonfinite_skipped=tu.count_if(~finite, state.nonfinite_skipped),
             inner_state=inner_state,
         )
         own = {
             f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
-            for f in ("scale", "good_steps", "skipped")
+            for f in ("scale", "good_steps", "nonfinite_skipped")
         }
         return out, new._replace(**own)
 

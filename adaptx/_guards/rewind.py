@@ -18,6 +18,9 @@ from adaptx._core.telemetry import reports
 class RewindState(NamedTuple):
     """State of :func:`rewind`.
 
+    ``rewinds`` is a counter: it means what ``adaptx._core.telemetry.COUNTERS`` says, in
+    every state that reports it.
+
     Attributes:
       inner_state: the wrapped transformation's state.
       good_params: the parameters of the last snapshot.

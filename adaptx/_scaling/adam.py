@@ -20,7 +20,7 @@ from adaptx._scaling import spam, update_rms
 
 @reports(
     "scale_by_adam",
-    *("spikes", "update_clipped", "max_update_rms", "momentum_scale"),
+    *("spikes", "tensors_clipped", "max_update_rms", "momentum_scale"),
     per_tensor=("tensor_update_rms", "top_tensor"),
 )
 class ScaleByAdamState(NamedTuple):
@@ -29,7 +29,8 @@ class ScaleByAdamState(NamedTuple):
     The four figures after ``nu`` are kept when a spike defense (SPAM's clip or
     reset, or update clipping) is on, and are ``None`` otherwise, so a plain Adam
     state holds only what ``optax.ScaleByAdamState`` holds and reports nothing to
-    :func:`adaptx.telemetry`.
+    :func:`adaptx.telemetry`. ``spikes`` and ``tensors_clipped`` are counters: they
+    mean what ``adaptx._core.telemetry.COUNTERS`` says, in every state that reports them.
 
     Attributes:
       count: number of updates applied so far (int32, saturating).
@@ -37,8 +38,8 @@ class ScaleByAdamState(NamedTuple):
         ``pack_small_leaves``, a ``PackedTree``: see :func:`scale_by_adam`).
       nu: second-moment estimate, one array per parameter, in ``nu_dtype`` (likewise).
       spikes: gradient elements clipped by the spike rule at the last step (int32).
-      update_clipped: tensors whose step was scaled down by update clipping at the
-        last step (int32).
+      tensors_clipped: tensors whose step update clipping scaled down at the last
+        step (int32).
       max_update_rms: largest per-tensor :math:`\sqrt{\mathrm{mean}(g^2/\hat v)}` at
         the last step (float32; 0 when update clipping is off).
       momentum_scale: SPAM's post-reset warm-up factor applied at the last step
@@ -53,7 +54,7 @@ class ScaleByAdamState(NamedTuple):
     mu: optax.Updates
     nu: optax.Updates
     spikes: jax.Array | None = None
-    update_clipped: jax.Array | None = None
+    tensors_clipped: jax.Array | None = None
     max_update_rms: jax.Array | None = None
     momentum_scale: jax.Array | None = None
     tensor_update_rms: per_tensor_lib.TensorFigures | None = None
@@ -208,7 +209,7 @@ def scale_by_adam(
       >>> for _ in range(20):
       ...     _, state = tx.update(jnp.full(4, 1e-3), state)
       >>> u, state = tx.update(jnp.full(4, 10.0), state)   # a 10^4x spike
-      >>> int(state.update_clipped), bool(jnp.all(jnp.abs(u) < 1))
+      >>> int(state.tensors_clipped), bool(jnp.all(jnp.abs(u) < 1))
       (1, True)
 
     References:
@@ -265,7 +266,7 @@ def scale_by_adam(
         if step is None:  # context: the params
             return state._replace(  # distinct arrays: a fresh state may be donated
                 spikes=jnp.zeros([], jnp.int32),
-                update_clipped=jnp.zeros([], jnp.int32),
+                tensors_clipped=jnp.zeros([], jnp.int32),
                 max_update_rms=jnp.zeros([], jnp.float32),
                 momentum_scale=jnp.ones([], jnp.float32),
                 **per_tensor_lib.initial(context, per_tensor, "tensor_update_rms"),
@@ -274,7 +275,7 @@ def scale_by_adam(
         figures = step.stats if per_tensor else None  # context: the previous state
         return state._replace(
             spikes=step.changed,
-            update_clipped=step.exceeded,
+            tensors_clipped=step.exceeded,
             max_update_rms=step.max_stat,
             momentum_scale=warm,
             **per_tensor_lib.updated(context, figures, step.exceeded > 0, "tensor_update_rms"),

@@ -26,22 +26,28 @@ are keyed ``"<transform>/tensor_<figure>/<param path>"``. Values may be the stri
 ``"nan"``, ``"inf"``, ``"-inf"``. Lines with an ``epoch`` key and no ``loss`` key
 (per-epoch summaries) are not steps.
 
-**Events.** A step is an event when any of these holds (``T`` is any transform):
+**Events.** Counters are read by figure name, whatever the transform: each name means
+one thing in every adaptx state (``*/num_clipped`` counts clipped steps so far,
+``*/tensors_clipped`` the tensors clipped at that step, ...), so a new transform that
+keeps to these names is read as the ones below. A step is an event when any of these
+holds (``T`` is any transform):
 
 - *skipped*: ``T/last_reason`` (a guard's reason code) is nonzero; its kind follows
   the code: 1 non-finite gradients, 2 gradient-norm spike, 3 non-finite loss, 4 loss
   spike, 5 gradient norm above ``max_grad_norm``, 6 loss above ``max_loss``. For a
-  transform without a reason code, ``T/skipped`` went up since the previous line
-  (``dynamic_loss_scale``: non-finite gradients), or ``T/num_skipped`` did (``zclip``
-  zeroing a spike). A counter is compared with 0 on a first line at
-  step 0, and not at all on a first line after step 0 (a resumed log).
+  transform without a reason code, ``T/skipped`` went up since the previous line; and
+  ``T/nonfinite_skipped`` going up is a skip of non-finite gradients
+  (``dynamic_loss_scale``), ``T/num_skipped`` a step zeroed as a gradient-norm spike
+  (``zclip``). A counter is compared with 0 on a first line at step 0, and not at all on
+  a first line after step 0 (a resumed log).
 - *rewound*: ``T/rewinds`` went up.
 - *spike let through*: ``T/forced`` went up (a guard at ``max_consecutive_skips``).
 - *spike clipped*: ``T/spike`` is 1 (``clip_spikes``, ``zclip``).
 - *clipped*: ``T/scale`` is below 0.99 (every ``scale`` but ``dynamic_loss_scale``'s,
-  which is a loss scale), or a per-step count of clipped tensors is positive
-  (``adagc/num_clipped``, ``clip_by_block_rms/num_clipped``,
-  ``scale_by_adam/update_clipped``).
+  which is a loss scale); ``T/num_clipped`` went up and ``T`` logs no ``scale`` (which
+  says whether, and by how much, it clipped); or ``T/tensors_clipped``, the tensors
+  ``T`` scaled down at that step, is positive (``adagc``, ``clip_by_block_rms``, update
+  clipping in ``scale_by_adam``).
 - *non-finite, not skipped*: the loss or the global gradient norm is NaN or infinite
   and nothing skipped the step.
 

@@ -30,12 +30,23 @@ KINDS = {
     "spike": "spike clipped",
     "clip": "clipped",
 }
-#: Per-step counts of tensors a transform scaled down: ``{transform: ((figure, words),)}``.
-TENSOR_CLIPS = {
-    "adagc": (("num_clipped", "tensors clipped"),),
-    "clip_by_block_rms": (("num_clipped", "tensors clipped"),),
-    "scale_by_adam": (("update_clipped", "tensor updates clipped"),),
+#: The counters of adaptx's telemetry that mark a step, read by figure name whatever the
+#: transform (their meanings are defined once, in ``adaptx._core.telemetry.COUNTERS``).
+#: A cumulative counter marks the steps at which it went up: ``{figure: (kind, phrase)}``,
+#: the phrase naming the transform's prefix as ``{}``.
+CUMULATIVE = {
+    "skipped": ("skip", "skipped by {}"),
+    "nonfinite_skipped": ("skip_nonfinite", "skipped by {} (non-finite gradients)"),
+    "num_skipped": ("skip_spike", "zeroed by {} (gradient-norm spike)"),
+    "rewinds": ("rewind", "rewound by {}"),
+    "forced": ("forced", "spike let through by {} (max_consecutive_skips reached)"),
+    "num_clipped": ("clip", "clipped by {}"),
 }
+#: A count of the last step marks the steps at which it is positive:
+#: ``{figure: (kind, what one is, what several are)}``.
+PER_STEP = {"tensors_clipped": ("clip", "tensor clipped", "tensors clipped")}
+#: A flag marks the steps at which it is 1: ``{figure: (kind, phrase)}``.
+FLAGS = {"spike": ("spike", "spike clipped by {}")}
 #: A ``*/scale`` below this is a clip.
 CLIP_SCALE = 0.99
 #: The running median of the norm is taken over this many preceding healthy steps.
@@ -138,9 +149,17 @@ def _increased(row: dict, prev: dict | None, key: str) -> bool:
     return now is not None and before is not None and now > before
 
 
+def _marked(figure: str, prefix: str, detail: str = "") -> tuple[str, str]:
+    """``(kind, phrase)`` of a step marked by the counter ``figure`` of the transform ``prefix``."""
+    kind, phrase = {**CUMULATIVE, **FLAGS}[figure]
+    return kind, phrase.format(prefix) + detail
+
+
 def _skips(prefix: str, figures: set[str], row: dict, prev: dict | None) -> list:
-    """``(kind, phrase)`` for each way the transform at ``prefix`` skipped this step."""
-    name = prefix.rsplit("/", 1)[-1]
+    """``(kind, phrase)`` for each way the transform at ``prefix`` skipped this step.
+
+    A reason code (``last_reason``) says why, and stands for ``skipped``.
+    """
     out = []
     reason = next((f for f in ("last_reason", "reason") if f in figures), None)
     if reason is not None:
@@ -148,41 +167,48 @@ def _skips(prefix: str, figures: set[str], row: dict, prev: dict | None) -> list
         if code is not None and math.isfinite(code) and code != 0:
             kind, why = REASONS.get(int(code), ("skip", f"reason {number(code)}"))
             out.append((kind, f"skipped by {prefix} ({why})"))
-    elif "skipped" in figures and _increased(row, prev, f"{prefix}/skipped"):
-        if name == "dynamic_loss_scale":
-            out.append(("skip_nonfinite", f"skipped by {prefix} (non-finite gradients)"))
-        else:
-            out.append(("skip", f"skipped by {prefix}"))
-    if "num_skipped" in figures and _increased(row, prev, f"{prefix}/num_skipped"):
-        out.append(("skip_spike", f"zeroed by {prefix} (gradient-norm spike)"))
+    for figure in ("skipped", "nonfinite_skipped", "num_skipped"):
+        if figure == "skipped" and reason is not None:
+            continue
+        if figure in figures and _increased(row, prev, f"{prefix}/{figure}"):
+            out.append(_marked(figure, prefix))
     return out
 
 
 def _others(prefix: str, figures: set[str], row: dict, prev: dict | None) -> list:
-    """``(kind, phrase)`` for each rewind, forced spike and clip by the transform at ``prefix``."""
+    """``(kind, phrase)`` for each rewind, forced spike and clip by the transform at ``prefix``.
+
+    A transform's ``scale`` says whether it clipped (below :data:`CLIP_SCALE`) and by how
+    much, and stands for its cumulative ``num_clipped``.
+    """
     name = prefix.rsplit("/", 1)[-1]
 
     def value(figure: str) -> float | None:
-        return as_float(row.get(f"{prefix}/{figure}"))
+        return as_float(row.get(f"{prefix}/{figure}")) if figure in figures else None
+
+    def went_up(figure: str) -> bool:
+        return figure in figures and _increased(row, prev, f"{prefix}/{figure}")
 
     out = []
-    if "rewinds" in figures and _increased(row, prev, f"{prefix}/rewinds"):
+    if went_up("rewinds"):
         lr = value("lr_scale")
         scaled = f" (lr scale now {number(lr)})" if lr is not None else ""
-        out.append(("rewind", f"rewound by {prefix}{scaled}"))
-    if "forced" in figures and _increased(row, prev, f"{prefix}/forced"):
-        out.append(("forced", f"spike let through by {prefix} (max_consecutive_skips reached)"))
-    scale = value("scale") if "scale" in figures and name != "dynamic_loss_scale" else None
+        out.append(_marked("rewinds", prefix, scaled))
+    if went_up("forced"):
+        out.append(_marked("forced", prefix))
+    scale = value("scale") if name != "dynamic_loss_scale" else None
     scaled = f" (scale {number(scale)})" if scale is not None else ""
-    spike = value("spike") if "spike" in figures else None
+    spike = value("spike")
     if spike is not None and spike >= 0.5:
-        out.append(("spike", f"spike clipped by {prefix}{scaled}"))
+        out.append(_marked("spike", prefix, scaled))
     elif scale is not None and scale < CLIP_SCALE:
         out.append(("clip", f"clipped by {prefix}{scaled}"))
-    for figure, words in TENSOR_CLIPS.get(name, ()):
-        count = value(figure) if figure in figures else None
+    elif "scale" not in figures and went_up("num_clipped"):
+        out.append(_marked("num_clipped", prefix))
+    for figure, (kind, one, several) in PER_STEP.items():
+        count = value(figure)
         if count is not None and math.isfinite(count) and count > 0:
-            out.append(("clip", f"{number(count)} {words} by {prefix}"))
+            out.append((kind, f"{number(count)} {one if count == 1 else several} by {prefix}"))
     return out
 
 

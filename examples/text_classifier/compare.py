@@ -21,8 +21,9 @@ Columns: ``test acc`` final test accuracy (no early stopping; mean ± std over s
 ``non-finite at`` first step whose loss or parameters were NaN/inf, per seed; ``max |g|``
 largest finite gradient norm the optimizer received (median over seeds); ``clipped`` steps
 whose gradient the optimizer scaled down and ``spikes`` steps it flagged as spikes (both from
-``adaptx.telemetry``; ``-`` where the optimizer reports no such figure); ``upd-clip`` steps on
-which update-RMS clipping scaled down at least one tensor's step; ``skipped`` steps with
+``adaptx.telemetry``; ``-`` where the optimizer reports no such figure); ``tens-clip`` steps
+on which a transform scaled down at least one tensor (``*/tensors_clipped``: update-RMS
+clipping in these optimizers; also ``adagc`` and ``clip_by_block_rms``); ``skipped`` steps with
 an exactly zero update; ``outcome`` ``ok``, ``diverged`` (ended with non-finite parameters) or
 ``not learning`` (finite, but test accuracy below 0.6).
 """

@@ -29,7 +29,7 @@ def summarize(result: dict) -> dict:
 
     clipped = steps_where(lambda k, v: k.endswith("/scale") and v < 1.0)
     spikes = steps_where(lambda k, v: k.endswith("/spike") and v > 0)
-    update_clipped = steps_where(lambda k, v: k.endswith("/update_clipped") and v > 0)
+    tensors_clipped = steps_where(lambda k, v: k.endswith("/tensors_clipped") and v > 0)
     finite = result["params_finite"]
     acc = result["test_accuracy"]
     outcome = "diverged" if not finite else ("not learning" if acc < 0.6 else "ok")
@@ -40,7 +40,7 @@ def summarize(result: dict) -> dict:
         "max_grad_norm": max(norms, default=0.0),
         "clipped": clipped if reports("/scale") else None,
         "spikes": spikes if reports("/spike") else None,
-        "update_clipped": update_clipped if reports("/update_clipped") else None,
+        "tensors_clipped": tensors_clipped if reports("/tensors_clipped") else None,
         "skipped": sum(skipped_steps),
         "outcome": outcome,
     }
@@ -53,7 +53,7 @@ def _mean_of(runs: list[dict], key: str) -> str:
 def format_table(rows: dict[str, list[dict]]) -> str:
     head = (
         f"{'optimizer':<34} {'test acc':>15} {'non-finite at':>13} {'max |g|':>8} "
-        f"{'clipped':>8} {'spikes':>7} {'upd-clip':>8} {'skipped':>8}  outcome"
+        f"{'clipped':>8} {'spikes':>7} {'tens-clip':>9} {'skipped':>8}  outcome"
     )
     lines = [head, "-" * len(head)]
     for name, runs in rows.items():
@@ -70,7 +70,7 @@ def format_table(rows: dict[str, list[dict]]) -> str:
         gmax = f"{np.median([r['max_grad_norm'] for r in runs]):.2g}"
         lines.append(
             f"{name:<34} {acc:>15} {nf_s:>13} {gmax:>8} {_mean_of(runs, 'clipped'):>8} "
-            f"{_mean_of(runs, 'spikes'):>7} {_mean_of(runs, 'update_clipped'):>8} "
+            f"{_mean_of(runs, 'spikes'):>7} {_mean_of(runs, 'tensors_clipped'):>9} "
             f"{_mean_of(runs, 'skipped'):>8}  {outcome}"
         )
     return "\n".join(lines)

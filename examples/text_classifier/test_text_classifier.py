@@ -259,7 +259,7 @@ def test_compare_summary_flags_divergence_and_spikes():
         "grad_norm": 1.0,
         "zclip/scale": 1.0,
         "zclip/spike": 0,
-        "scale_by_adam/update_clipped": 0,
+        "scale_by_adam/tensors_clipped": 0,
     }
     hist = [
         dict(ok, step=0),
@@ -267,7 +267,7 @@ def test_compare_summary_flags_divergence_and_spikes():
             ok,
             step=1,
             grad_norm=7.0,
-            **{"zclip/scale": 0.01, "zclip/spike": 1, "scale_by_adam/update_clipped": 2},
+            **{"zclip/scale": 0.01, "zclip/spike": 1, "scale_by_adam/tensors_clipped": 2},
         ),
         dict(
             ok, step=2, loss=math.nan, params_finite=False, update_norm=math.nan, grad_norm=math.nan
@@ -280,7 +280,7 @@ def test_compare_summary_flags_divergence_and_spikes():
         "max_grad_norm": 7.0,
         "clipped": 1,
         "spikes": 1,
-        "update_clipped": 1,
+        "tensors_clipped": 1,
         "skipped": 0,
         "outcome": "diverged",
     }
