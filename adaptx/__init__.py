@@ -34,6 +34,7 @@ from adaptx._recipes.sgd import sgd
 from adaptx._scaling.adagrad import ScaleByAdagradState, scale_by_adagrad
 from adaptx._scaling.adam import ScaleByAdamState, scale_by_adam
 from adaptx._scaling.adam_atan2 import ScaleByAdamAtan2State, scale_by_adam_atan2
+from adaptx._scaling.learning_rate import ScaleByLearningRateState, scale_by_learning_rate
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
 from adaptx._writer import MetricsWriter
@@ -56,6 +57,7 @@ __all__ = (
     "ScaleByAdagradState",
     "ScaleByAdamAtan2State",
     "ScaleByAdamState",
+    "ScaleByLearningRateState",
     "ScaleByRmsState",
     "ZClipState",
     "adagc",
@@ -82,6 +84,7 @@ __all__ = (
     "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_adam_atan2",
+    "scale_by_learning_rate",
     "scale_by_rms",
     "sgd",
     "spam",
