@@ -22,6 +22,7 @@ from adaptx._clipping.scalar_clip import scalar_clip
 from adaptx._clipping.spike_clip import ClipSpikesState, clip_spikes
 from adaptx._clipping.value import clip_by_value
 from adaptx._clipping.zclip import ZClipState, zclip
+from adaptx._guards.accumulate import AccumulateState, accumulate
 from adaptx._guards.guard import GuardState, guard
 from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from adaptx._guards.rewind import RewindState, rewind
@@ -42,6 +43,7 @@ from adaptx._writer import MetricsWriter
 __version__ = "0.1.0"
 
 __all__ = (
+    "AccumulateState",
     "AdaGCState",
     "AutoClipState",
     "ClipByBlockRmsState",
@@ -60,6 +62,7 @@ __all__ = (
     "ScaleByLearningRateState",
     "ScaleByRmsState",
     "ZClipState",
+    "accumulate",
     "adagc",
     "adam_atan2",
     "adamw",
