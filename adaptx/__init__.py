@@ -28,6 +28,7 @@ from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale,
 from adaptx._guards.rewind import RewindState, rewind
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
+from adaptx._monitor import MonitorState, monitor
 from adaptx._nnx import restore_on_skip
 from adaptx._recipes.adamw import adam_atan2, adamw
 from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
@@ -55,6 +56,7 @@ __all__ = (
     "GuardState",
     "MetricsWriter",
     "MomentumState",
+    "MonitorState",
     "RewindState",
     "ScaleByAdagradState",
     "ScaleByAdamAtan2State",
@@ -80,6 +82,7 @@ __all__ = (
     "guard",
     "loss_scale",
     "momentum",
+    "monitor",
     "restore_on_skip",
     "rewind",
     "robust_adamw",
