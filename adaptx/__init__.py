@@ -22,11 +22,13 @@ from adaptx._clipping.scalar_clip import scalar_clip
 from adaptx._clipping.spike_clip import ClipSpikesState, clip_spikes
 from adaptx._clipping.value import clip_by_value
 from adaptx._clipping.zclip import ZClipState, zclip
+from adaptx._guards.accumulate import AccumulateState, accumulate
 from adaptx._guards.guard import GuardState, guard
 from adaptx._guards.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from adaptx._guards.rewind import RewindState, rewind
 from adaptx._momentum.ema import EmaState, ema
 from adaptx._momentum.momentum import MomentumState, momentum
+from adaptx._monitor import MonitorState, monitor
 from adaptx._nnx import restore_on_skip
 from adaptx._recipes.adamw import adam_atan2, adamw
 from adaptx._recipes.defended import robust_adamw, spam, stable_adamw
@@ -34,6 +36,7 @@ from adaptx._recipes.sgd import sgd
 from adaptx._scaling.adagrad import ScaleByAdagradState, scale_by_adagrad
 from adaptx._scaling.adam import ScaleByAdamState, scale_by_adam
 from adaptx._scaling.adam_atan2 import ScaleByAdamAtan2State, scale_by_adam_atan2
+from adaptx._scaling.learning_rate import ScaleByLearningRateState, scale_by_learning_rate
 from adaptx._scaling.rms import ScaleByRmsState, scale_by_rms
 from adaptx._telemetry import telemetry
 from adaptx._writer import MetricsWriter
@@ -41,6 +44,7 @@ from adaptx._writer import MetricsWriter
 __version__ = "0.1.0"
 
 __all__ = (
+    "AccumulateState",
     "AdaGCState",
     "AutoClipState",
     "ClipByBlockRmsState",
@@ -52,12 +56,15 @@ __all__ = (
     "GuardState",
     "MetricsWriter",
     "MomentumState",
+    "MonitorState",
     "RewindState",
     "ScaleByAdagradState",
     "ScaleByAdamAtan2State",
     "ScaleByAdamState",
+    "ScaleByLearningRateState",
     "ScaleByRmsState",
     "ZClipState",
+    "accumulate",
     "adagc",
     "adam_atan2",
     "adamw",
@@ -75,6 +82,7 @@ __all__ = (
     "guard",
     "loss_scale",
     "momentum",
+    "monitor",
     "restore_on_skip",
     "rewind",
     "robust_adamw",
@@ -82,6 +90,7 @@ __all__ = (
     "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_adam_atan2",
+    "scale_by_learning_rate",
     "scale_by_rms",
     "sgd",
     "spam",

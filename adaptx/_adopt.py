@@ -17,9 +17,11 @@ _FN = "adopt_state"
 #: Fields whose arrays are per-parameter moments, carried leaf by leaf.
 MOMENTS = ("mu", "nu", "trace", "ema", "sum_of_squares")
 #: The fields of the states that count steps for a schedule (``optax.scale_by_schedule``,
-#: ``optax.inject_hyperparams``); their ``count`` is carried when old and new have as many.
+#: ``adaptx.scale_by_learning_rate``, ``optax.inject_hyperparams``); their ``count`` is
+#: carried when old and new have as many.
 SCHEDULE_COUNTERS = (
     frozenset({"count"}),
+    frozenset({"count", "learning_rate"}),
     frozenset({"count", "hyperparams", "inner_state"}),
     frozenset({"count", "hyperparams", "hyperparams_states", "inner_state"}),
 )

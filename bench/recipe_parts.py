@@ -17,7 +17,7 @@ import adaptx
 
 
 def _decay_and_lr(lr: Any, wd: Any) -> list[optax.GradientTransformation]:
-    return [optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr)]
+    return [optax.add_decayed_weights(wd), adaptx.scale_by_learning_rate(lr)]
 
 
 def adamw(lr: Any = 1e-3, **kw: Any) -> optax.GradientTransformation:
@@ -65,7 +65,7 @@ def robust_adamw(lr: Any = 1e-3, **kw: Any) -> optax.GradientTransformation:
 def sgd(lr: Any = 1e-3, **kw: Any) -> optax.GradientTransformation:
     del kw
     return optax.chain(
-        adaptx.clip_by_global_norm(1.0), adaptx.momentum(0.9), optax.scale_by_learning_rate(lr)
+        adaptx.clip_by_global_norm(1.0), adaptx.momentum(0.9), adaptx.scale_by_learning_rate(lr)
     )
 
 

@@ -156,3 +156,13 @@ def test_paired_chain_quick():
     (row,) = rows
     assert _finite(row["A"]["passes"]) and _finite(row["B"]["passes"])
     assert _finite(row["ratio_b_over_a"]["median"])
+
+
+def test_monitor_cost_quick():
+    from bench import monitor_cost
+
+    rows = monitor_cost.main(["--quick"])
+    assert [r["variant"] for r in rows] == list(monitor_cost.VARIANTS)
+    for r in rows:
+        assert _finite(r["passes"]) and _finite(r["traffic"]) and r["kernels"] > 0
+        assert r["largest_leaf"]

@@ -25,6 +25,10 @@ The checks:
   (scalars, autoclip's history) is put on the mesh, replicated, after ``init``, as a
   user would: eager ``init`` leaves scalars on one device, and the first step moving
   them onto the mesh would make the second step compile again.
+* ``jit_tp/guard_skips_nan_in_one_shard``, ``jit_tp/accumulate_drops_nan_in_one_shard``: a
+  NaN on one device of the model-sharded kernel is seen by every shard: the guard skips
+  the step, ``accumulate`` drops the micro-batch (single-device numbers, its gradient sum
+  sharded like the parameters).
 * ``jit_explicit/<case>``: the tensor-parallel mesh with explicit axes under
   ``jax.set_mesh``, where ``jax.jit(tx.init)`` itself gives the state the parameters'
   shardings. (With the default auto axes, ``jax.jit(tx.init)(params)`` without
@@ -81,7 +85,7 @@ def check_ids(case_names) -> list[str]:
     """Every check this script runs, given the battery's case names."""
     ids = [f"jit_dp/{n}" for n in sorted(case_names)]
     ids += [f"jit_tp/{n}" for n in sorted(case_names)]
-    ids += ["jit_tp/guard_skips_nan_in_one_shard"]
+    ids += ["jit_tp/guard_skips_nan_in_one_shard", "jit_tp/accumulate_drops_nan_in_one_shard"]
     ids += [f"jit_explicit/{n}" for n in sorted(case_names)]
     ids += [f"shard_map/{n}" for n in SHARD_MAP_CHECKS]
     ids += [f"pmap/{n}" for n in PMAP_CHECKS]
@@ -428,7 +432,48 @@ def _jit_checks(battery):
         checks[f"jit_tp/{name}"] = lambda name=name: run(name, tp_mesh, tp_specs)
         checks[f"jit_explicit/{name}"] = lambda name=name: run_explicit(name)
     checks["jit_tp/guard_skips_nan_in_one_shard"] = guard_nan_one_shard
+    checks["jit_tp/accumulate_drops_nan_in_one_shard"] = lambda: _accumulate_nan_one_shard(
+        place(tp_mesh, tp_specs), lambda sp: replicate_scalars(tp_mesh, sp), grad_fn, params
+    )
     return checks
+
+
+def _accumulate_nan_one_shard(placed, state_placer, grad_fn, params):
+    """A NaN on one device in one micro-batch: dropped from the window on every shard.
+
+    ``placed``: the tensor-parallel parameters and batches; ``state_placer(sp)`` puts the
+    non-parameter state on the mesh; ``params``: the unsharded parameters, for the replay.
+    """
+    import jax
+    import numpy as np
+    import optax
+
+    import adaptx
+
+    def make():
+        return adaptx.accumulate(adaptx.adamw(1e-2), 2)
+
+    tx = make()
+    sp, sb = placed
+    state = state_placer(sp)(tx.init(sp))
+    step = jax.jit(tx.update)
+    p, grads = sp, []
+    for t, batch in enumerate(sb):
+        g = grad_fn(p, batch)
+        if t == 1:  # one element on one device of the model-sharded kernel
+            g["dense"]["kernel"] = g["dense"]["kernel"].at[3, 30].set(np.float32(np.nan))
+            g = jax.device_put(g, jax.tree.map(lambda x: x.sharding, sp))
+        grads.append(g)
+        updates, state = step(g, state, p)
+        p = optax.apply_updates(p, updates)
+    assert int(state.dropped) == 1 and int(state.window_finite) == 2
+    ref = make()
+    ref_p, ref_s, _ = _replay(ref, jax.jit(ref.update), params, grads)
+    gap = max(_compare(ref_p, p, "params"), _compare(ref_s, state, "state"))
+    for s_leaf, param in zip(jax.tree.leaves(state.grad_sum), jax.tree.leaves(sp), strict=True):
+        assert s_leaf.sharding.is_equivalent_to(param.sharding, s_leaf.ndim), _spec(s_leaf)
+    assert step._cache_size() == 1, step._cache_size()
+    return {"tolerance_used": gap}
 
 
 def _grad_sequence(spikes=(), nan_at=()):

@@ -21,6 +21,7 @@ NO_PAPER = {
     "restore_on_skip",
     "chain",
     "scalar_clip",
+    "scale_by_learning_rate",
 }
 
 

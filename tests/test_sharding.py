@@ -152,6 +152,13 @@ def test_guard_skips_the_whole_step_when_one_shard_has_a_nan(results):
     _result(results, "jit_tp/guard_skips_nan_in_one_shard")
 
 
+def test_accumulate_drops_a_micro_batch_with_a_nan_in_one_shard(results):
+    """A NaN on one device in one micro-batch: every shard drops it, single-device numbers,
+    and the gradient sum keeps the parameters' sharding."""
+    info = _result(results, "jit_tp/accumulate_drops_nan_in_one_shard")
+    assert info["tolerance_used"] <= 1.0
+
+
 @pytest.mark.parametrize("name", checks.SHARD_MAP_CHECKS)
 def test_shard_map_with_axis_name_reduces_across_devices(results, name):
     """With ``axis_name`` the decision is the global one; without it, each shard's own."""

@@ -23,9 +23,14 @@ def one_step(tx, params=PARAMS, grads=GRADS):
 
 def test_reports_pre_clip_norm_and_scale():
     figures = adaptx.telemetry(one_step(adaptx.adamw(1e-3, max_norm=2.0)))
-    assert list(figures) == ["clip_by_global_norm/grad_norm", "clip_by_global_norm/scale"]
+    assert list(figures) == [
+        "clip_by_global_norm/grad_norm",
+        "clip_by_global_norm/scale",
+        "scale_by_learning_rate/learning_rate",
+    ]
     assert float(figures["clip_by_global_norm/grad_norm"]) == pytest.approx(10.0)
     assert float(figures["clip_by_global_norm/scale"]) == pytest.approx(0.2)
+    assert float(figures["scale_by_learning_rate/learning_rate"]) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize(

@@ -79,9 +79,9 @@ def adamw(
       >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
       >>> updates, state = tx.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
-      >>> adaptx.telemetry(state)
-      {'clip_by_global_norm/grad_norm': Array(3.4641..., dtype=float32),
-       'clip_by_global_norm/scale': Array(0.2886..., dtype=float32)}
+      >>> {k: round(float(v), 4) for k, v in adaptx.telemetry(state).items()}
+      {'clip_by_global_norm/grad_norm': 3.4641, 'clip_by_global_norm/scale': 0.2887,
+       'scale_by_learning_rate/learning_rate': 0.001}
 
       With many small leaves, their moments can share one flat buffer (same numbers,
       a faster compile and step):

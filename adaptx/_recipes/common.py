@@ -9,6 +9,7 @@ import optax
 from adaptx._clipping.global_norm import clip_by_global_norm
 from adaptx._core import tree as tu
 from adaptx._core import validate
+from adaptx._scaling.learning_rate import scale_by_learning_rate
 
 
 def check_learning_rate(fn: str, learning_rate: Any) -> None:
@@ -61,10 +62,12 @@ def decay_and_step(
     fn: str, learning_rate: optax.ScalarOrSchedule, weight_decay: Any, mask: Any
 ) -> list[optax.GradientTransformation]:
     """The last two members of every AdamW-style recipe: decoupled weight decay, then the
-    learning rate (both checked, and named by ``fn`` in the errors)."""
+    learning rate (both checked, and named by ``fn`` in the errors). The learning rate is
+    :func:`adaptx.scale_by_learning_rate`: optax's numbers, and the rate it applied kept
+    for :func:`adaptx.telemetry`."""
     check_learning_rate(fn, learning_rate)
     validate.check_nonnegative(fn, "weight_decay", weight_decay, example="1e-4")
     return [
         add_decayed_weights(fn, weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        scale_by_learning_rate(learning_rate),
     ]

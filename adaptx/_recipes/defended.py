@@ -152,7 +152,8 @@ def spam(
       >>> updates, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
       >>> sorted(adaptx.telemetry(state))
       ['scale_by_adam/max_update_rms', 'scale_by_adam/momentum_scale',
-       'scale_by_adam/spikes', 'scale_by_adam/tensors_clipped']
+       'scale_by_adam/spikes', 'scale_by_adam/tensors_clipped',
+       'scale_by_learning_rate/learning_rate']
 
     References:
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM

@@ -9,6 +9,7 @@ from adaptx._chain import chain
 from adaptx._core import validate
 from adaptx._momentum.momentum import momentum as momentum_tx
 from adaptx._recipes.common import check_learning_rate, optional_clip
+from adaptx._scaling.learning_rate import scale_by_learning_rate
 
 
 def sgd(
@@ -72,5 +73,5 @@ def sgd(
         optax.identity()
         if momentum is None or no_momentum
         else momentum_tx(momentum, nesterov=nesterov, dtype=accumulator_dtype),
-        optax.scale_by_learning_rate(learning_rate),
+        scale_by_learning_rate(learning_rate),
     )

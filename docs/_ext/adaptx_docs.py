@@ -79,7 +79,7 @@ SECTIONS: list[tuple[str, str, str, tuple[str, ...]]] = [
         "-",
         "What the transforms measured, read out of any optimizer state, and what it says "
         "about the run.",
-        ("adaptx._telemetry", "adaptx._check", "adaptx._writer"),
+        ("adaptx._telemetry", "adaptx._monitor", "adaptx._check", "adaptx._writer"),
     ),
     (
         "Switching optimizers",
