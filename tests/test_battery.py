@@ -72,6 +72,9 @@ CASES |= {
     "robust_adamw": (adaptx.robust_adamw, {"learning_rate": 1e-2}),
     "dynamic_loss_scale": (adaptx.dynamic_loss_scale, {"init_scale": 8.0}),
     "guard": (lambda: adaptx.guard(adaptx.adamw(1e-2)), {}),
+    "scale_by_learning_rate": (adaptx.scale_by_learning_rate, {"learning_rate": 1e-2}),
+    "monitor": (lambda: adaptx.monitor(adaptx.adamw(1e-2)), {}),
+    "accumulate": (lambda: adaptx.accumulate(adaptx.adamw(1e-2), 2), {}),
     # Per-tensor telemetry: one figure per leaf, with its path, in the state.
     "robust_adamw_per_tensor": (
         functools.partial(adaptx.robust_adamw, per_tensor=True),
