@@ -41,7 +41,9 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.doctest",
-    "adaptx_docs",  # docs/_ext/adaptx_docs.py: the API list, measured tables, code checks
+    "sphinx.ext.viewcode",  # [source] links: the code of each object, as pages of the site
+    "adaptx_docs",  # docs/_ext/adaptx_docs.py: the API pages, measured tables, code checks
+    "adaptx_signatures",  # docs/_ext/adaptx_signatures.py: ArrayLike, not its expansion
 ]
 
 root_doc = "index"
