@@ -11,6 +11,9 @@
 * ``.. measured-table:: PATH`` copies a Markdown table out of a file of the repository
   (a results file under ``bench/measured/``, a README), so the figures on a page are
   the measured ones, character for character, and change when the file does.
+  ``.. measured-text::`` quotes a paragraph of such a file (the one that says how a table
+  was measured), and ``.. measured-setup:: FILE.json ...`` tabulates the ``meta`` entry
+  of results files: date, commit, hardware, versions, command.
 * Every Python code block outside the API reference must be one that the doctest
   builder runs (``.. doctest::``, ``.. testcode::``); anything else is a warning, which
   ``-W`` turns into an error.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
 import sys
 from pathlib import Path
@@ -42,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------------------
 # The API reference.
+
 
 class Part(NamedTuple):
     """A group of names under its own heading: those defined in modules under ``prefixes``."""
@@ -731,6 +736,209 @@ class MeasuredTable(SphinxDirective):
         return [table]
 
 
+def _section_lines(text: str, heading: str | None) -> tuple[list[str], int]:
+    """The lines of the section whose heading starts with ``heading`` (all lines if None)
+    and the index of its first line. Lines in fenced code blocks are never headings."""
+    lines = text.splitlines()
+    if heading is None:
+        return lines, 0
+    fenced, found, level = False, None, 0
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        m = None if fenced else _HEADING.match(line)
+        if m is None:
+            continue
+        if found is None and m.group(2).startswith(heading):
+            found, level = i + 1, len(m.group(1))
+        elif found is not None and len(m.group(1)) <= level:
+            return lines[found:i], found
+    if found is None:
+        raise ValueError(f"no heading starting with {heading!r}")
+    return lines[found:], found
+
+
+def find_paragraph(
+    text: str, heading: str | None, starts_with: str, end_before: str | None = None
+) -> str:
+    """The Markdown paragraph (up to the next blank line) that starts with ``starts_with``,
+    in the section under ``heading``, joined into one line; with ``end_before``, only what
+    comes before that text in it."""
+    lines, _ = _section_lines(text, heading)
+    for i, line in enumerate(lines):
+        if line.startswith(starts_with):
+            j = i
+            while j < len(lines) and lines[j].strip():
+                j += 1
+            paragraph = " ".join(x.strip() for x in lines[i:j])
+            if end_before is not None:
+                if end_before not in paragraph:
+                    raise ValueError(f"{end_before!r} is not in the paragraph")
+                paragraph = paragraph[: paragraph.index(end_before)].rstrip()
+            return paragraph
+    raise ValueError(f"no paragraph starting with {starts_with!r}")
+
+
+class MeasuredText(SphinxDirective):
+    """``.. measured-text:: examples/text_classifier/README.md``: quotes a paragraph of a
+    Markdown file, such as the one that says on what machine and with which versions a
+    table was measured, so that the page says what the file says.
+
+    Options: ``:heading:`` (the section, by the start of its heading), ``:starts-with:``
+    (the paragraph that starts with this text; required) and ``:end-before:`` (quote the
+    paragraph only up to this text).
+    """
+
+    required_arguments = 1
+    has_content = False
+    option_spec = {
+        "heading": directives.unchanged,
+        "starts-with": directives.unchanged_required,
+        "end-before": directives.unchanged_required,
+    }
+
+    def run(self) -> list[nodes.Node]:
+        rel = self.arguments[0]
+        path = ROOT / rel
+        self.env.note_dependency(str(path))
+        try:
+            if "starts-with" not in self.options:
+                raise ValueError("the :starts-with: option is required")
+            paragraph = find_paragraph(
+                path.read_text(encoding="utf-8"),
+                self.options.get("heading"),
+                self.options["starts-with"],
+                self.options.get("end-before"),
+            )
+        except (OSError, ValueError) as e:
+            logger.warning(
+                "measured-text %s: %s",
+                rel,
+                e,
+                location=self.get_location(),
+                type="adaptx",
+                subtype="text",
+            )
+            return []
+        quote = nodes.block_quote(classes=["measured-text"])
+        quote += nodes.paragraph("", "", *inline(paragraph))
+        source = nodes.attribution("", "", nodes.literal(rel, rel))
+        if "heading" in self.options:
+            source += nodes.Text(f", “{self.options['heading']}”")
+        quote += source
+        return [quote]
+
+
+def _meta_fields(meta: dict[str, Any]) -> dict[str, str]:
+    """What a results file's ``meta`` says about how it was measured, in words; a fact it
+    does not record is "not recorded"."""
+    none = "not recorded"
+    date = str(meta.get("date", "")) or none
+    if date != none:
+        date = date.replace("T", " ")[:16] + " UTC"
+    git = meta.get("git") or {}
+    commit = git.get("commit") or meta.get("commit") or none
+    if git.get("adaptx_local_changes"):
+        commit += ", with uncommitted changes"
+    device = meta.get("device")
+    if isinstance(device, dict):
+        cores = device.get("cpu_count")
+        parts = [
+            str(device.get("cpu_model") or device.get("device_kind") or ""),
+            f"{cores} cores" if cores else "",
+            f"JAX {device.get('platform')} backend" if device.get("platform") else "",
+            f"{device.get('jax_device_count')} device(s)" if device.get("jax_device_count") else "",
+        ]
+        hardware = ", ".join(p for p in parts if p) or none
+    else:
+        parts = [str(device or ""), str(meta.get("machine") or "")]
+        hardware = ", ".join(p for p in parts if p) or none
+    versions = dict(meta.get("versions") or {})
+    for key in ("python", "jax", "jaxlib", "optax", "numpy", "adaptx", "torch"):
+        if key in meta and isinstance(meta[key], str):
+            versions.setdefault(key, meta[key])
+    version_text = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or none
+    script = meta.get("script")
+    command = (
+        " ".join(["python", str(script), *map(str, meta.get("argv") or [])]) if script else none
+    )
+    return {
+        "measured": date,
+        "commit": commit,
+        "hardware": hardware,
+        "versions": version_text,
+        "command": command,
+    }
+
+
+class MeasuredSetup(SphinxDirective):
+    """``.. measured-setup:: bench/measured/recipes.json bench/measured/many_small.json``:
+    a table of how each results file was measured (date, commit, hardware, versions,
+    command), read from its ``meta`` entry, one row per file."""
+
+    required_arguments = 1
+    optional_arguments = 50
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        rows: list[tuple[str, dict[str, str]]] = []
+        for rel in self.arguments:
+            path = ROOT / rel
+            self.env.note_dependency(str(path))
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                meta = data.get("meta") if isinstance(data, dict) else None
+                if not isinstance(meta, dict):
+                    raise ValueError("no 'meta' entry")
+            except (OSError, ValueError) as e:
+                logger.warning(
+                    "measured-setup %s: %s",
+                    rel,
+                    e,
+                    location=self.get_location(),
+                    type="adaptx",
+                    subtype="setup",
+                )
+                continue
+            rows.append((rel, _meta_fields(meta)))
+        if not rows:
+            return []
+        header = ["file", *rows[0][1]]
+        table = nodes.table(classes=["measured", "measured-setup"])
+        table += nodes.title(
+            "",
+            "How each results file was measured, from its ",
+            nodes.literal("meta", "meta"),
+            nodes.Text(" entry"),
+        )
+        tgroup = nodes.tgroup(cols=len(header))
+        table += tgroup
+        for _ in header:
+            tgroup += nodes.colspec(colwidth=1)
+
+        def row_node(cells: list[nodes.Node]) -> nodes.row:
+            row = nodes.row()
+            for cell in cells:
+                entry = nodes.entry()
+                entry += nodes.paragraph("", "", cell)
+                row += entry
+            return row
+
+        thead = nodes.thead()
+        thead += row_node([nodes.Text(h) for h in header])
+        tgroup += thead
+        tbody = nodes.tbody()
+        for rel, fields in rows:
+            cells: list[nodes.Node] = [nodes.literal(rel, rel)]
+            for key, value in fields.items():
+                literal = key == "command" and value != "not recorded"
+                cells.append(nodes.literal(value, value) if literal else nodes.Text(value))
+            tbody += row_node(cells)
+        tgroup += tbody
+        return [table]
+
+
 # ---------------------------------------------------------------------------------------
 # Every Python example outside the API reference is executed.
 
@@ -791,7 +999,8 @@ def _check_offline(app: Sphinx, exception: Exception | None) -> None:
     for page in sorted(Path(app.outdir).rglob("*.html")):
         for m in _REMOTE.finditer(page.read_text(encoding="utf-8")):
             tag = m.group(0)
-            if "<link" in tag[:5].lower() and not re.search(r"rel=\"(stylesheet|preload|icon)", tag):
+            loaded = re.search(r"rel=\"(stylesheet|preload|icon)", tag)
+            if tag[:5].lower() == "<link" and not loaded:
                 continue  # a link to another site, not something the page loads
             logger.warning(
                 "%s loads %s from another host; serve it from docs/_static",
@@ -806,6 +1015,8 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("adaptx-api", AdaptxApi)
     app.add_directive("adaptx-api-overview", AdaptxApiOverview)
     app.add_directive("measured-table", MeasuredTable)
+    app.add_directive("measured-text", MeasuredText)
+    app.add_directive("measured-setup", MeasuredSetup)
     app.connect("env-get-outdated", _api_outdated)
     app.connect("env-purge-doc", _api_purge)
     app.connect("env-merge-info", _api_merge)
