@@ -874,8 +874,9 @@ def _meta_fields(meta: dict[str, Any]) -> dict[str, str]:
 
 class MeasuredSetup(SphinxDirective):
     """``.. measured-setup:: bench/measured/recipes.json bench/measured/many_small.json``:
-    a table of how each results file was measured (date, commit, hardware, versions,
-    command), read from its ``meta`` entry, one row per file."""
+    how each results file was measured (date, commit, hardware, versions, command), read
+    from its ``meta`` entry: what all the files record alike as a field list, then one
+    item per file with the rest."""
 
     required_arguments = 1
     optional_arguments = 50
@@ -904,39 +905,53 @@ class MeasuredSetup(SphinxDirective):
             rows.append((rel, _meta_fields(meta)))
         if not rows:
             return []
-        header = ["file", *rows[0][1]]
-        table = nodes.table(classes=["measured", "measured-setup"])
-        table += nodes.title(
-            "",
-            "How each results file was measured, from its ",
-            nodes.literal("meta", "meta"),
-            nodes.Text(" entry"),
-        )
-        tgroup = nodes.tgroup(cols=len(header))
-        table += tgroup
-        for _ in header:
-            tgroup += nodes.colspec(colwidth=1)
 
-        def row_node(cells: list[nodes.Node]) -> nodes.row:
-            row = nodes.row()
-            for cell in cells:
-                entry = nodes.entry()
-                entry += nodes.paragraph("", "", cell)
-                row += entry
-            return row
+        def cell(key: str, value: str) -> nodes.Node:
+            literal = key in ("file", "command") and value != "not recorded"
+            return nodes.literal(value, value) if literal else nodes.Text(value)
 
-        thead = nodes.thead()
-        thead += row_node([nodes.Text(h) for h in header])
-        tgroup += thead
-        tbody = nodes.tbody()
-        for rel, fields in rows:
-            cells: list[nodes.Node] = [nodes.literal(rel, rel)]
-            for key, value in fields.items():
-                literal = key == "command" and value != "not recorded"
-                cells.append(nodes.literal(value, value) if literal else nodes.Text(value))
-            tbody += row_node(cells)
-        tgroup += tbody
-        return [table]
+        # What every file records alike (the machine, most versions) is said once, as a
+        # field list; then one item per file with the rest (date, commit, command, and
+        # any version that not every file has).
+        records = [{"file": rel, **fields} for rel, fields in rows]
+        version_lists = [r["versions"].split(", ") for r in records]
+        common_versions = [v for v in version_lists[0] if all(v in vs for vs in version_lists)]
+        for record, versions in zip(records, version_lists, strict=True):
+            rest = [v for v in versions if v not in common_versions]
+            record["versions"] = ", ".join(rest) if rest else ""
+        keys = [k for k in records[0] if k != "file"]
+        same = [k for k in keys if len({r[k] for r in records}) == 1 and k != "versions"]
+        shared = {k: records[0][k] for k in same}
+        if common_versions:
+            shared["versions"] = ", ".join(common_versions)
+        if len(records) == 1:
+            shared = {"file": rows[0][0], **rows[0][1]}
+        out: list[nodes.Node] = []
+        fields_node = nodes.field_list(classes=["measured-setup"])
+        for key, value in shared.items():
+            field = nodes.field()
+            name = f"{key} (every file)" if len(records) > 1 else key
+            field += nodes.field_name(name, name)
+            body = nodes.field_body()
+            body += nodes.paragraph("", "", cell(key, value))
+            field += body
+            fields_node += field
+        out.append(fields_node)
+        if len(records) == 1:
+            return out
+
+        items = nodes.bullet_list(classes=["measured-setup"])
+        for record in records:
+            para = nodes.paragraph("", "", cell("file", record["file"]), nodes.Text(": "))
+            parts = [k for k in keys if k not in same and record[k]]
+            for i, key in enumerate(parts):
+                if i:
+                    para += nodes.Text("; ")
+                para += nodes.Text("with " if key == "versions" else f"{key} ")
+                para += cell(key, record[key])
+            items += nodes.list_item("", para)
+        out.append(items)
+        return out
 
 
 # ---------------------------------------------------------------------------------------
