@@ -1,7 +1,10 @@
 """Sphinx configuration for the adaptx documentation.
 
-Offline: no intersphinx, no theme or extension that fetches anything at build time
-(MathJax is only linked from the HTML pages, for the reader's browser).
+Offline, at build time and in the reader's browser: no intersphinx, no theme or extension
+that fetches anything, and MathJax is served from docs/_static/mathjax/ (MathJax 3.2.2's
+``tex-chtml.js`` and its fonts, Apache-2.0, copied from the ``mathjax`` npm package), not
+from a CDN. docs/_ext/adaptx_docs.py fails the build if a page loads a script or a
+stylesheet from another host.
 
 Build (what ``make docs`` and CI run)::
 
@@ -38,7 +41,9 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.doctest",
-    "adaptx_docs",  # docs/_ext/adaptx_docs.py: the API list, measured tables, code checks
+    "sphinx.ext.viewcode",  # [source] links: the code of each object, as pages of the site
+    "adaptx_docs",  # docs/_ext/adaptx_docs.py: the API pages, measured tables, code checks
+    "adaptx_signatures",  # docs/_ext/adaptx_signatures.py: ArrayLike, not its expansion
 ]
 
 root_doc = "index"
@@ -52,6 +57,12 @@ html_static_path = ["_static"]
 html_css_files = ["adaptx.css"]
 html_show_sourcelink = False
 pygments_style = "sphinx"
+
+# -- math ---------------------------------------------------------------------------------
+# A path relative to _static: the pages load MathJax from the built site itself. To update
+# it: ``npm pack mathjax@3``, then copy es5/tex-chtml.js, es5/output/chtml/fonts/woff-v2/
+# and LICENSE into docs/_static/mathjax/ (the fonts are found relative to the script).
+mathjax_path = "mathjax/tex-chtml.js"
 
 # -- autodoc and napoleon ------------------------------------------------------------
 # The docstrings are Google style (Args:, Returns:, Examples:, References:) with reST
