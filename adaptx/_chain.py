@@ -44,7 +44,7 @@ def _plan(txs: tuple[optax.GradientTransformationExtraArgs, ...]) -> list[Any]:
     return steps
 
 
-def chain(*args: optax.GradientTransformation) -> skip_lib.Honouring:
+def chain(*args: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     r"""``optax.chain(*args)``: the same state and numbers, in a program made for them.
 
     Two things differ from ``optax.chain``, neither visible in the numbers:

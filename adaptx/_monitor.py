@@ -74,7 +74,9 @@ def _figures(params: Any, updates: Any, state: MonitorState, per_tensor: bool) -
     }
 
 
-def monitor(inner: optax.GradientTransformation, *, per_tensor: bool = False) -> skip_lib.Honouring:
+def monitor(
+    inner: optax.GradientTransformation, *, per_tensor: bool = False
+) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a transformation and keeps the norms of the parameters and of its step.
 
     .. math::

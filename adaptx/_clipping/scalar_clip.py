@@ -59,7 +59,7 @@ class ClipUpdate:
 def scalar_clip(
     init: Callable[[optax.Params], Any],
     scale: Callable[[optax.Updates, Any], tuple[jax.Array, Any]],
-) -> skip_lib.Honouring:
+) -> optax.GradientTransformationExtraArgs:
     r"""An optax transform :math:`g \mapsto s(g, \text{state})\, g` from the clip's scale function.
 
     Every leaf is multiplied by the scalar in float32 (or wider) and rounded back to its

@@ -83,7 +83,7 @@ def accumulate(
     every_k_steps: int,
     *,
     skip_nonfinite: bool = True,
-) -> skip_lib.Honouring:
+) -> optax.GradientTransformationExtraArgs:
     r"""Accumulates micro-batch gradients; a non-finite micro-batch is dropped, not averaged in.
 
     ``optax.MultiSteps(inner, every_k_steps)``'s contract: ``update`` takes one

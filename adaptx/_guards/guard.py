@@ -163,7 +163,7 @@ def guard(
     max_consecutive_nonfinite: int | None = None,
     axis_name: Any = None,
     per_tensor: bool = False,
-) -> skip_lib.Honouring:
+) -> optax.GradientTransformationExtraArgs:
     r"""Wraps a transformation so that bad steps are skipped, not applied.
 
     A step is skipped when its gradients contain a NaN or an infinity (the global

@@ -52,7 +52,7 @@ def rewind(
     snapshot_every: int = 50,
     warmup: int = 20,
     alpha: jax.typing.ArrayLike = 0.98,
-) -> skip_lib.Honouring:
+) -> optax.GradientTransformationExtraArgs:
     r"""Wraps an optimizer so that a diverging loss sends the run back to its last good state.
 
     Every ``snapshot_every`` healthy steps the parameters and the inner state are copied.

@@ -29,7 +29,7 @@ def ema(
     decay: jax.typing.ArrayLike,
     debias: bool = True,
     accumulator_dtype: jax.typing.DTypeLike | None = None,
-) -> skip_lib.Honouring:
+) -> optax.GradientTransformationExtraArgs:
     r"""Exponential moving average of the updates, optionally bias-corrected.
 
     .. math::

@@ -29,7 +29,9 @@ class ScaleByLearningRateState(NamedTuple):
     learning_rate: jax.Array
 
 
-def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> skip_lib.Honouring:
+def scale_by_learning_rate(
+    learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformationExtraArgs:
     r"""``optax.scale_by_learning_rate``, keeping the learning rate it applied in its state.
 
     .. math::
