@@ -216,7 +216,9 @@ MAGNITUDES = {
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
+# accumulate's inner transforms see the mean of a window, not the step's gradient: its
+# low-precision window sum is specified in tests/test_accumulate.py.
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "accumulate"])
 @pytest.mark.parametrize(
     ("dtype", "size"), list(MAGNITUDES), ids=lambda x: getattr(x, "__name__", x)
 )

@@ -131,3 +131,10 @@ def test_adopt_state_carries_an_optax_schedules_count():
 def test_a_negative_learning_rate_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"scale_by_learning_rate: `learning_rate` must be >= 0"):
         adaptx.scale_by_learning_rate(-1e-3)
+
+
+def test_learning_rate_is_required_and_flip_sign_a_bool():
+    with pytest.raises(ValueError, match=r"`learning_rate` is required, got learning_rate=None"):
+        adaptx.scale_by_learning_rate()
+    with pytest.raises(ValueError, match=r"`flip_sign` must be a bool, got flip_sign=1"):
+        adaptx.scale_by_learning_rate(0.1, flip_sign=1)

@@ -25,8 +25,15 @@ import pytest
 
 import adaptx
 
-SHARED = sorted(n for n in set(adaptx.__all__) & set(dir(optax)) if n[0].islower())
-SHARED_STATES = sorted(n for n in set(adaptx.__all__) & set(dir(optax)) if n[0].isupper())
+#: Names optax also has for something else: not drop-ins, and documented as such.
+HOMONYMS = {
+    "monitor": "optax.monitor logs measures of the updates; adaptx.monitor wraps an "
+    "optimizer and keeps the parameter and update norms in its state",
+    "MonitorState": "the state of adaptx.monitor (see above)",
+}
+_BOTH = set(adaptx.__all__) & set(dir(optax)) - set(HOMONYMS)
+SHARED = sorted(n for n in _BOTH if n[0].islower())
+SHARED_STATES = sorted(n for n in _BOTH if n[0].isupper())
 
 #: The arguments each shared factory needs (optax's required ones).
 REQUIRED = {
@@ -38,6 +45,7 @@ REQUIRED = {
     "adaptive_grad_clip": (0.05,),
     "scale_by_adam": (),
     "scale_by_rms": (),
+    "scale_by_learning_rate": (1e-2,),
     # adaptx.chain is optax.chain (plus the skip protocol and the fused clip)
     "chain": (adaptx.clip_by_global_norm(0.7), adaptx.scale_by_adam(), optax.scale(-1e-2)),
 }
@@ -285,6 +293,10 @@ POSITIONAL_CALLS = {
     ),
     "ema": (adaptx.ema(0.9, False, jnp.float32), optax.ema(0.9, False, jnp.float32)),
     "chain": (adaptx.chain(*REQUIRED["chain"]), optax.chain(*REQUIRED["chain"])),
+    "scale_by_learning_rate": (
+        adaptx.scale_by_learning_rate(optax.linear_schedule(0.1, 0.0, 5), flip_sign=False),
+        optax.scale_by_learning_rate(optax.linear_schedule(0.1, 0.0, 5), flip_sign=False),
+    ),
     "scale_by_rms": (
         adaptx.scale_by_rms(0.95, 1e-6, 0.1, False, True),
         optax.scale_by_rms(0.95, 1e-6, 0.1, False, True),
@@ -513,8 +525,13 @@ def _optax_state_is_empty(name):
 STATELESS = [n for n in SHARED if _optax_state_is_empty(n)]
 
 
-def test_the_stateless_namesakes_are_the_clips():
-    assert set(STATELESS) == {"clip_by_global_norm", "clip_by_block_rms", "adaptive_grad_clip"}
+def test_the_stateless_namesakes_are_the_clips_and_the_learning_rate():
+    assert set(STATELESS) == {
+        "clip_by_global_norm",
+        "clip_by_block_rms",
+        "adaptive_grad_clip",
+        "scale_by_learning_rate",
+    }
 
 
 @pytest.mark.parametrize("empty", [None, optax.EmptyState()], ids=["None", "EmptyState"])

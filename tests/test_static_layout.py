@@ -115,6 +115,6 @@ def test_optax_chain_state_of_the_same_parts_is_interchangeable():
         adaptx.clip_by_global_norm(1.0),
         adaptx.scale_by_adam(pack_small_leaves=65536),
         optax.add_decayed_weights(1e-4),
-        optax.scale_by_learning_rate(0.1),
+        adaptx.scale_by_learning_rate(0.1),
     )
     assert jax.tree.structure(fused.init(PARAMS)) == jax.tree.structure(plain.init(PARAMS))

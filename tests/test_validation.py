@@ -68,6 +68,9 @@ def test_every_public_factory_is_covered():
 
 # Factories whose validation is tested in their own modules.
 EXTRA_COVERED = (
+    "accumulate",  # tests/test_accumulate.py
+    "monitor",  # tests/test_monitor.py
+    "scale_by_learning_rate",  # tests/test_learning_rate.py
     "autoclip",
     "chain",  # tests/test_chain.py
     "scalar_clip",  # tests/test_chain.py

@@ -30,7 +30,9 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 def scale_by_learning_rate(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    flip_sign: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""``optax.scale_by_learning_rate``, keeping the learning rate it applied in its state.
 
@@ -54,7 +56,9 @@ def scale_by_learning_rate(
 
     Args:
       learning_rate: :math:`\eta \ge 0`, a number (or array) or an optax schedule
-        ``step -> lr``.
+        ``step -> lr`` (optax's signature gives it a default of ``None``; it is required).
+      flip_sign: multiply by :math:`-\eta` (a descent step), as optax does; ``False``
+        multiplies by :math:`\eta`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -72,6 +76,16 @@ def scale_by_learning_rate(
       {'scale_by_learning_rate/learning_rate': 0.25}
     """
     fn = "scale_by_learning_rate"
+    if learning_rate is None:
+        raise ValueError(
+            f"{fn}: `learning_rate` is required, got learning_rate=None. Pass e.g. "
+            "learning_rate=1e-3 or an optax schedule."
+        )
+    if not isinstance(flip_sign, bool):
+        raise ValueError(
+            f"{fn}: `flip_sign` must be a bool, got flip_sign={flip_sign!r}. "
+            "Pass e.g. flip_sign=True."
+        )
     if not callable(learning_rate):
         validate.check_nonnegative(fn, "learning_rate", learning_rate, example="1e-3")
 
@@ -87,9 +101,18 @@ def scale_by_learning_rate(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByLearningRateState]:
         del params, extra_args
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        step = -lr  # optax's sign flip, then its cast to each leaf's dtype
+        tu.check_float_leaves(fn, updates, allow_complex=True)
+        stateless = state is None or isinstance(state, optax.EmptyState)  # optax's own form
+        if stateless and callable(learning_rate):
+            raise ValueError(
+                f"{fn}: a schedule needs the step count, but the state is {state!r}. Pass "
+                "the state this transform's init returned."
+            )
+        lr = learning_rate if not callable(learning_rate) else learning_rate(state.count)
+        step = -lr if flip_sign else lr  # optax's sign flip, then its cast to each leaf's dtype
         updates = jax.tree.map(lambda g: jnp.asarray(step, dtype=g.dtype) * g, updates)
+        if stateless:  # a constant learning rate, the state optax's: returned as it came
+            return updates, state
         new = ScaleByLearningRateState(tu.safe_increment(state.count), tu.as_scalar(lr))
         return updates, new
 
