@@ -109,24 +109,29 @@ def passes(hlo: str, params) -> float:
     return sum(r["in_bytes"] + r["out_bytes"] for r in rows) / tree_bytes
 
 
+def compiled_cell(tx, np_params, grads) -> dict:
+    """``tx``'s step compiled on fresh parameters, with its carry and static figures."""
+    params = jax.tree.map(jnp.asarray, np_params)
+    compiled, state, seconds = compiled_step(tx, params, grads)
+    mem = compiled.memory_analysis()
+    return {
+        "compiled": compiled,
+        "carry": [params, state],
+        "compile_s": seconds,
+        "passes": passes(compiled.as_text(), np_params),
+        "kernels": len(kernel_rows(compiled.as_text())),
+        "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
+    }
+
+
 def measure(question: str, tree: str, recipe: str, quick: bool, reps: int, before=None) -> dict:
     shapes = tree_shapes(tree, quick)
     np_params = make_numpy_tree(shapes, 0, 1.0)
     grads = jax.tree.map(jnp.asarray, make_numpy_tree(shapes, 1, 1e-3))
-    cells = {}
-    for label in ("A", "B"):
-        tx = build(question, recipe, label, before)
-        params = jax.tree.map(jnp.asarray, np_params)
-        compiled, state, seconds = compiled_step(tx, params, grads)
-        mem = compiled.memory_analysis()
-        cells[label] = {
-            "compiled": compiled,
-            "carry": [params, state],
-            "compile_s": seconds,
-            "passes": passes(compiled.as_text(), np_params),
-            "kernels": len(kernel_rows(compiled.as_text())),
-            "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
-        }
+    cells = {
+        label: compiled_cell(build(question, recipe, label, before), np_params, grads)
+        for label in ("A", "B")
+    }
     times = {"A": [], "B": []}
     for r in range(reps + 2):  # two warm-up rounds, then interleaved timed rounds
         for label in ("A", "B") if r % 2 == 0 else ("B", "A"):

@@ -32,8 +32,7 @@ import numpy as np
 import optax
 
 import adaptx
-from bench.hlo_report import kernel_rows
-from bench.paired import TREES, compiled_step, passes
+from bench.paired import TREES, compiled_cell
 from bench.recipe_parts import PARTS
 from bench.update_step import make_numpy_tree, tree_shapes
 
@@ -68,19 +67,7 @@ def measure(tree: str, quick: bool, reps: int) -> list[dict]:
     shapes = tree_shapes(tree, quick)
     np_params = make_numpy_tree(shapes, 0, 1.0)
     grads = jax.tree.map(jnp.asarray, make_numpy_tree(shapes, 1, 1e-3))
-    cells = {}
-    for name, make in VARIANTS.items():
-        params = jax.tree.map(jnp.asarray, np_params)
-        compiled, state, seconds = compiled_step(make(), params, grads)
-        mem = compiled.memory_analysis()
-        cells[name] = {
-            "compiled": compiled,
-            "carry": [params, state],
-            "compile_s": seconds,
-            "passes": passes(compiled.as_text(), np_params),
-            "kernels": len(kernel_rows(compiled.as_text())),
-            "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
-        }
+    cells = {name: compiled_cell(make(), np_params, grads) for name, make in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in cells}
     names = list(cells)
     for r in range(reps + 2):  # two warm-up rounds, then rounds in rotating order

@@ -110,6 +110,23 @@ def select_state(skip: jax.Array | None, old: Any, new: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
 
 
+def hold_fields(skip: jax.Array | None, old: Any, new: Any, *, held: tuple[str, ...]) -> Any:
+    """The ``NamedTuple`` state ``new`` with every field but ``held`` selected against ``old``.
+
+    For a transform whose full-size fields (``held``: its moments, an inner state) were
+    already kept inside its own pass or by the transform it wraps; the rest (counters,
+    figures, scalars) is selected here.
+    """
+    if skip is None:
+        return new
+    kept = {
+        f: select_state(skip, getattr(old, f), getattr(new, f))
+        for f in new._fields
+        if f not in held
+    }
+    return new._replace(**kept)
+
+
 def zeros_if(skip: jax.Array | None, updates: Any) -> Any:
     """The updates, or zeros shaped like them when the step is skipped."""
     if skip is None:

@@ -193,12 +193,7 @@ def accumulate(
             inner_state=inner_state,
         )
         # An outer guard's skip leaves the whole window as it was (grad_sum: held above).
-        own = {
-            f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
-            for f in new._fields
-            if f not in ("inner_state", "grad_sum")
-        }
-        return out, new._replace(**own)
+        return out, skip_lib.hold_fields(outer, state, new, held=("inner_state", "grad_sum"))
 
     return skip_lib.Honouring(init_fn, update_fn)
 

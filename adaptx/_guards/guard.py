@@ -328,12 +328,7 @@ def guard(
         new = new._replace(**per_tensor_lib.updated(state, leaf_norms, v.skip))
         # An outer guard's skip leaves this guard's own figures as they were, too.
         outer = skip_lib.decision(extra_args)
-        own = {
-            f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
-            for f in new._fields
-            if f != "inner_state"
-        }
-        return out, new._replace(**own)
+        return out, skip_lib.hold_fields(outer, state, new, held=("inner_state",))
 
     return skip_lib.Honouring(init_fn, update_fn)
 

@@ -144,11 +144,7 @@ def dynamic_loss_scale(
             nonfinite_skipped=tu.count_if(~finite, state.nonfinite_skipped),
             inner_state=inner_state,
         )
-        own = {
-            f: skip_lib.select_state(outer, getattr(state, f), getattr(new, f))
-            for f in ("scale", "good_steps", "nonfinite_skipped")
-        }
-        return out, new._replace(**own)
+        return out, skip_lib.hold_fields(outer, state, new, held=("inner_state",))
 
     return skip_lib.Honouring(init_fn, update_fn)
 

@@ -53,12 +53,7 @@ class EngineUpdate:
         new = self.make_state(step.moments, step, state)
         # The moments (and the count) were held inside the pass; the figures are held here.
         skip = skip_lib.decision(extra_args)
-        figures = {
-            f: skip_lib.select_state(skip, getattr(state, f), getattr(new, f))
-            for f in new._fields
-            if f not in ("count", "mu", "nu")
-        }
-        return step.updates, new._replace(**figures)
+        return step.updates, skip_lib.hold_fields(skip, state, new, held=("count", "mu", "nu"))
 
 
 def transformation(
