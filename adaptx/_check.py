@@ -103,7 +103,8 @@ def _diverged(values: dict[str, float], prefix: str) -> DivergedError | None:
     when = f"at step {step}" if step is not None else "(the figures hold no guard/steps)"
     parts = [f"{_FN}: the run diverged {when}, as {prefix} declared ({prefix}/diverged=1)"]
     if consecutive is not None and math.isfinite(consecutive):
-        parts.append(f"{int(consecutive)} non-finite steps in a row")
+        since = f" (since step {step - int(consecutive)})" if step is not None else ""
+        parts.append(f"{int(consecutive)} non-finite steps in a row{since}")
     if reason is not None:
         parts.append(f"last step skipped for {reason}")
     skipped = figure("skipped")
@@ -186,9 +187,9 @@ def check(figures: Mapping[str, Any]) -> None:
       ... except adaptx.DivergedError as e:
       ...     print(e)
       adaptx.check: the run diverged at step 812, as guard declared (guard/diverged=1); 5
-      non-finite steps in a row; last step skipped for non-finite gradients; 9 steps
-      skipped in all. Restore the last checkpoint saved before it, and lower the learning
-      rate or skip the batches that led there.
+      non-finite steps in a row (since step 807); last step skipped for non-finite
+      gradients; 9 steps skipped in all. Restore the last checkpoint saved before it, and
+      lower the learning rate or skip the batches that led there.
     """
     if not isinstance(figures, Mapping):
         raise TypeError(

@@ -160,7 +160,8 @@ class MetricsWriter:
 
     Args:
       path: a run directory (the log is ``path/metrics.jsonl``; a path without a suffix
-        counts as one, and is created) or the log file itself.
+        counts as one, and is created) or the log file itself; ``None`` writes no file,
+        only to ``sinks`` (which must then not be empty).
       every_steps: steps buffered between two fetches from the device (>= 1).
       top_k: keep this many tensors of each per-tensor figure per step (>= 1); ``None``
         keeps them all.
@@ -185,7 +186,7 @@ class MetricsWriter:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None,
         *,
         every_steps: int = 100,
         top_k: int | None = None,
@@ -196,14 +197,20 @@ class MetricsWriter:
         self.every_steps = int(every_steps)
         self.top_k = top_k
         self.sinks = _check_sinks(sinks)
-        self.path = _run_file(path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        if path is None and not self.sinks:
+            raise ValueError(
+                f"{_FN}: path=None writes no file, so it needs at least one sink; got "
+                "sinks=(). Pass a run directory, or e.g. sinks=(writer,)."
+            )
+        self.path = None if path is None else _run_file(path)
+        self._file = None if self.path is None else open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._closed = False
         self._pending: list[tuple[Any, tuple[str, ...], list[Any]]] = []
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._file.closed
+        return self._closed
 
     def write(self, step: int | jax.Array, figures: Mapping[str, Any]) -> None:
         """Buffers one step's figures; every ``every_steps`` calls, fetches and writes them all.
@@ -244,8 +251,9 @@ class MetricsWriter:
             if self.top_k is not None:
                 row = condense(row, self.top_k)
             rows.append((int(_host(step)), row))
-        self._file.write("".join(json.dumps(_line(s, r)) + "\n" for s, r in rows))
-        self._file.flush()
+        if self._file is not None:
+            self._file.write("".join(json.dumps(_line(s, r)) + "\n" for s, r in rows))
+            self._file.flush()
         self._pending.clear()
         for sink in self.sinks:
             for step, row in rows:
@@ -260,7 +268,9 @@ class MetricsWriter:
         try:
             self.flush()
         finally:
-            self._file.close()
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

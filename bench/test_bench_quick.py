@@ -166,3 +166,15 @@ def test_monitor_cost_quick():
     for r in rows:
         assert _finite(r["passes"]) and _finite(r["traffic"]) and r["kernels"] > 0
         assert r["largest_leaf"]
+
+
+def test_writer_cost_quick():
+    from bench import writer_cost
+
+    rows = writer_cost.main(["--quick", "--trees", "many_small"])
+    (row,) = rows
+    # 8 steps a round, the writer fetching every 4: two fetches, against one per step.
+    assert row["writer"]["device_gets_per_round"] == 2
+    assert row["fetch each step"]["device_gets_per_round"] == 8
+    assert row["kept_device_gets_per_round"] == 0
+    assert row["writer"]["min"] > 0 and row["kept_step_ms"] > 0

@@ -55,7 +55,7 @@ def test_diverged_guard_names_step_reason_and_run_length(convert):
     assert (e.step, e.reason, e.consecutive, e.tensor) == (812, "non-finite gradients", 5, None)
     message = str(e)
     assert "at step 812" in message
-    assert "5 non-finite steps in a row" in message
+    assert "5 non-finite steps in a row (since step 807)" in message
     assert "non-finite gradients" in message
     assert "9 steps skipped in all" in message
 

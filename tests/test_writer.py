@@ -282,3 +282,20 @@ def test_figures_must_be_scalars(tmp_path):
     assert lines(tmp_path / "metrics.jsonl") == [
         {"step": 0, "note": "a string is written as it is", "ok": True}
     ]
+
+
+def test_without_a_path_only_the_sinks_are_written(tmp_path, monkeypatch, device_gets):
+    monkeypatch.chdir(tmp_path)
+    sink = Recorder()
+    with adaptx.MetricsWriter(None, every_steps=2, sinks=(sink,)) as writer:
+        for step in range(3):
+            writer.write(step, {"loss": jnp.float32(step)})
+        assert device_gets[0] == 1 and [s for s, _ in sink.calls] == [0, 1]
+    assert [s for s, _ in sink.calls] == [0, 1, 2] and device_gets[0] == 2
+    assert writer.closed and writer.path is None
+    assert list(tmp_path.iterdir()) == []  # no file anywhere
+
+
+def test_without_a_path_a_sink_is_required():
+    with pytest.raises(ValueError, match=r"path=None .* at least one sink; got sinks=\(\)"):
+        adaptx.MetricsWriter(None)

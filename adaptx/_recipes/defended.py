@@ -195,6 +195,7 @@ def robust_adamw(
     spike_z: jax.typing.ArrayLike | None = None,
     loss_z: jax.typing.ArrayLike | None = None,
     max_consecutive_skips: int | None = None,
+    max_consecutive_nonfinite: int | None = None,
     mask: Mask = None,
     pack_small_leaves: int | None = None,
     per_tensor: bool = False,
@@ -213,6 +214,7 @@ def robust_adamw(
           ),
           skip_nonfinite=skip_nonfinite, spike_z=spike_z, loss_z=loss_z,
           max_consecutive_skips=max_consecutive_skips,
+          max_consecutive_nonfinite=max_consecutive_nonfinite,
       )
 
     * :func:`adaptx.guard` skips a step whose gradients (or loss, when passed as
@@ -267,6 +269,9 @@ def robust_adamw(
       loss_z: additionally skip steps whose loss has a z-score above this (needs
         ``value=loss`` at every update).
       max_consecutive_skips: let a spike through after this many skips in a row.
+      max_consecutive_nonfinite: after this many non-finite steps in a row, the guard
+        declares the run diverged (``guard/diverged``), and :func:`adaptx.check` raises;
+        ``None`` never does.
       mask: which parameters are decayed.
       pack_small_leaves: keep the moments of leaves with at most this many elements
         in flat buffers; see :func:`adaptx.scale_by_adam`.
@@ -329,5 +334,6 @@ def robust_adamw(
         spike_z=spike_z,
         loss_z=loss_z,
         max_consecutive_skips=max_consecutive_skips,
+        max_consecutive_nonfinite=max_consecutive_nonfinite,
         per_tensor=per_tensor,
     )

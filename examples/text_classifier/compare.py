@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import re
 import time
@@ -48,38 +47,10 @@ from flax import nnx
 from model import build_model
 from plotting import plot_compare
 from scenarios import FAMILIES, SCENARIOS, fault_schedule
-from steps import make_train_step
+from steps import faulty_step, param_path
 
 # --------------------------------------------------------------------------------------
-# Fault injection: compare.py's own train step
-
-
-def param_path(path: tuple) -> str:
-    """A tree path as ``adaptx.telemetry`` names a parameter: ``"encoder/w_rec"``."""
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
-            continue  # an nnx Variable's array: the path names the variable
-        names.append(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))))
-    return "/".join(names)
-
-
-def inject(grads, scale: jax.Array, layer: str | None = None):
-    """The gradients times ``scale``: all of them, or only the parameter at path ``layer``."""
-
-    def one(path, g):
-        if layer is None or param_path(path) == layer:
-            return g * scale.astype(g.dtype)
-        return g
-
-    return jax.tree.map_with_path(one, grads)
-
-
-@functools.cache
-def faulty_step(layer: str | None = None, per_tensor: bool = False):
-    """The train step with :func:`inject` in it; its extra input is the step's fault scale
-    (1 on healthy steps; :func:`fault_inputs`)."""
-    return make_train_step(functools.partial(inject, layer=layer), per_tensor=per_tensor)
+# Fault injection: the train step with the gradients scaled (steps.faulty_step)
 
 
 def fault_inputs(faults: dict[int, float]):

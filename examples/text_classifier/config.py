@@ -58,6 +58,11 @@ class Config:
     weight_decay: float = _flag(1e-4, "decoupled weight decay, on matrices only")
     decay_embeddings: bool = _flag(False, "apply the weight decay to the embeddings too")
     max_norm: float = _flag(1.0, "global gradient-norm clip (adamw, sgd)")
+    max_nonfinite_steps: int | None = _flag(
+        100,
+        "the optimizer's guard skips non-finite steps; after this many in a row, the run "
+        "stops with adaptx.DivergedError (None: never)",
+    )
     per_tensor: bool = _flag(
         False,
         "also record each parameter's gradient norm and the tensor that led each "
@@ -70,6 +75,9 @@ class Config:
     ema: float = _flag(0.99, "> 0: evaluate and save this moving average of the weights")
     patience: int = _flag(2, "early stopping: epochs without validation improvement")
     seed: int = _flag(0, "seeds the model, the dropout and the batch order")
+    nan_from_step: int | None = _flag(
+        None, "a broken run, to see it stopped: every gradient from this step on is NaN"
+    )
     split_seed: int = _flag(0, "seeds the train/val/test split (independent of --seed)")
     # Output
     out: str = _flag("runs/text_classifier", "folder of the run folders")

@@ -1,13 +1,12 @@
 """The optimizer: an adaptx recipe, a warm-up + cosine schedule, weight decay on matrices.
 
-``make_optimizer(config, total_steps)`` builds what ``--optimizer`` names; ``--per-tensor``
-builds it with per-tensor figures (see :func:`with_per_tensor`).
+``make_optimizer(config, total_steps)`` builds what ``--optimizer`` names, in a guard that
+stops a run stuck on non-finite steps; ``--per-tensor`` builds it with per-tensor figures.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import optax
@@ -37,37 +36,37 @@ def decay_mask(params, embeddings: bool = False):
     )
 
 
-def with_per_tensor(make: Callable[..., optax.GradientTransformation], clipped: bool = True):
-    """``make(per_tensor=True)``: the transformation, keeping per-tensor figures.
-
-    An unclipped ``adaptx.adamw`` or ``adaptx.sgd`` (``max_norm=None``) computes no
-    per-leaf norms of its own; it is wrapped in ``adaptx.guard(..., per_tensor=True)``,
-    which with its defaults skips non-finite steps only, leaves every finite step as it
-    is, and keeps each tensor's gradient norm (``guard/tensor_grad_norm/<param path>``).
-
-    >>> tx = with_per_tensor(functools.partial(adaptx.adamw, 1e-3))
-    >>> figures = adaptx.telemetry(tx.init({"w": jax.numpy.ones(2)}), per_tensor=True)
-    >>> [k for k in figures if k.endswith("/tensor_grad_norm/w")]
-    ['clip_by_global_norm/tensor_grad_norm/w']
-    """
-    if clipped:
-        return make(per_tensor=True)
-    return adaptx.guard(make(), per_tensor=True)
-
-
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-    """The adaptx recipe ``config.optimizer`` names, on :func:`learning_rate`'s schedule."""
+    """The adaptx recipe ``config.optimizer`` names, on :func:`learning_rate`'s schedule, in
+    an ``adaptx.guard`` that skips non-finite steps and, after ``config.max_nonfinite_steps``
+    of them in a row, declares the run diverged (``train.py`` then stops it).
+
+    ``robust_adamw`` has a guard of its own. ``adamw`` and ``sgd`` are wrapped in one: on a
+    finite step it passes the update through unchanged. ``--per-tensor`` builds the
+    transformation with per-tensor figures; an unclipped ``adamw`` or ``sgd``
+    (``max_norm=None``) computes no per-leaf norms of its own, so its guard keeps each
+    tensor's gradient norm (``guard/tensor_grad_norm/<param path>``).
+
+    >>> import config as config_lib
+    >>> cfg = config_lib.Config(max_norm=None, per_tensor=True)
+    >>> state = make_optimizer(cfg, 100).init({"w": jax.numpy.ones(2)})
+    >>> [k for k in adaptx.telemetry(state, per_tensor=True) if k.startswith("guard/tensor_")]
+    ['guard/tensor_grad_norm/w']
+    """
     lr = learning_rate(config, total_steps)
     mask = functools.partial(decay_mask, embeddings=config.decay_embeddings)
-    wd, clip = config.weight_decay, config.max_norm
+    wd, clip, per_tensor = config.weight_decay, config.max_norm, config.per_tensor
+    stop = config.max_nonfinite_steps
+    if config.optimizer == "robust_adamw":
+        return adaptx.robust_adamw(
+            lr, weight_decay=wd, mask=mask, max_consecutive_nonfinite=stop, per_tensor=per_tensor
+        )
     if config.optimizer == "adamw":
         make = functools.partial(adaptx.adamw, lr, weight_decay=wd, max_norm=clip, mask=mask)
-    elif config.optimizer == "robust_adamw":
-        make = functools.partial(adaptx.robust_adamw, lr, weight_decay=wd, mask=mask)
     elif config.optimizer == "sgd":
         make = functools.partial(adaptx.sgd, lr, momentum=0.9, max_norm=clip)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
-    if not config.per_tensor:
-        return make()
-    return with_per_tensor(make, clipped=config.optimizer == "robust_adamw" or clip is not None)
+    clipped = clip is not None
+    tx = make(per_tensor=True) if per_tensor and clipped else make()
+    return adaptx.guard(tx, max_consecutive_nonfinite=stop, per_tensor=per_tensor and not clipped)

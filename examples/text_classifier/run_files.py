@@ -6,35 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import numpy as np
 from checkpoints import save_checkpoint
 from plotting import plot_run
 
+import adaptx
 from adaptx.report import plot as plot_stability
 
 #: Steps whose metrics are fetched from the device together (one host transfer).
 FETCH_EVERY = 10
-
-
-def json_line(d: dict) -> str:
-    """One JSON line; strict JSON has no NaN/Infinity, so those are the strings "nan",
-    "inf", "-inf".
-
-    >>> json_line({"loss": float("nan"), "step": 3})
-    '{"loss": "nan", "step": 3}'
-    """
-    return json.dumps(
-        {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in d.items()}
-    )
-
-
-def _scalars(d: dict) -> dict:
-    return {k: np.asarray(v).item() for k, v in d.items()}
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -48,50 +30,69 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 class MetricsLog:
-    """Collects the steps' metrics (device arrays, fetched :data:`FETCH_EVERY` at a time) and
-    the epochs' summaries into ``history`` and ``epochs``, and, given a ``path``, writes
-    each as one line of ``metrics.jsonl``. ``say`` prints without breaking the bar."""
+    """The run's per-step metrics and per-epoch summaries, kept in ``history`` and ``epochs``.
+
+    The steps' metrics (device arrays) go to an ``adaptx.MetricsWriter``, which fetches
+    them :data:`FETCH_EVERY` steps at a time (one host transfer) and writes
+    ``metrics.jsonl`` when given a ``path``. This log is the writer's sink: it receives each
+    fetched step as host floats, keeps it in ``history`` and moves the progress bar. Each
+    time new steps arrive, the newest one goes through ``adaptx.check``, which raises
+    ``adaptx.DivergedError`` when the optimizer's guard has declared the run diverged: no
+    host sync beyond the writer's own. ``say`` prints without breaking the bar.
+    """
 
     def __init__(self, path: Path | None, total_steps: int, progress: bool, log: Callable):
         self.history: list[dict] = []
         self.epochs: list[dict] = []
-        self._pending: list[tuple[int, dict]] = []
-        self._file = open(path, "w") if path is not None else None  # noqa: SIM115
+        self._writer = adaptx.MetricsWriter(path, every_steps=FETCH_EVERY, sinks=(self,))
         self._bar = _progress(total_steps, progress, "train")
         self.say = self._bar.write if not self._bar.disable else log
 
     def add(self, step: int, metrics: dict) -> None:
-        self._pending.append((step, metrics))
-        if len(self._pending) >= FETCH_EVERY:
-            self.flush()
+        """Buffers one step's metrics; checks the newest fetched step for a divergence."""
+        seen = len(self.history)
+        self._writer.write(step, metrics)
+        self._check_new(seen)
+
+    def fetch(self) -> None:
+        """Fetches and writes the buffered steps now (at the end of an epoch)."""
+        seen = len(self.history)
+        self._writer.flush()
+        self._check_new(seen)
+
+    def _check_new(self, seen: int) -> None:
+        # An optimizer without a guard (one a caller passed in) has nothing to check.
+        if len(self.history) > seen and any(k.endswith("/diverged") for k in self.history[-1]):
+            adaptx.check(self.history[-1])
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        """The writer's sink protocol (``clu.metric_writers``): one fetched step, or an
+        epoch's summary (kept in ``epochs`` already)."""
+        if "epoch" not in scalars:
+            self.history.append({"step": step, **scalars})
+            self._bar.update(1)
 
     def flush(self) -> None:
-        rows = jax.device_get([m for _, m in self._pending])
-        for (s, _), row in zip(self._pending, rows, strict=True):
-            row = {"step": s, **_scalars(row)}
-            self.history.append(row)
-            if self._file:
-                self._file.write(json_line(row) + "\n")
-        if self._pending:
-            self._bar.update(len(self._pending))
+        """The sink protocol's end of a fetch: the progress bar shows the newest step."""
+        if self.history:
             last = self.history[-1]
             self._bar.set_postfix(
                 loss=f"{last['loss']:.3f}",
                 acc=f"{last['accuracy']:.3f}",
                 gnorm=f"{last['grad_norm']:.2f}",
             )
-        self._pending.clear()
 
     def epoch(self, row: dict) -> None:
+        """Keeps an epoch's summary and writes it, after its steps, as one line."""
         self.epochs.append(row)
-        if self._file:
-            self._file.write(json_line(row) + "\n")
-            self._file.flush()
+        self._writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+        self._writer.flush()
 
     def close(self) -> None:
-        self._bar.close()
-        if self._file:
-            self._file.close()
+        try:
+            self._writer.close()
+        finally:
+            self._bar.close()
 
 
 def start_run_dir(run_dir: Path, config, dataset) -> Path:

@@ -1,5 +1,6 @@
-"""The jitted steps: one optimizer step on a batch (:func:`make_train_step`), evaluation,
-and the state they take (:class:`TrainState`).
+"""The jitted steps: one optimizer step on a batch (:func:`make_train_step`), the same with
+the gradients scaled (:func:`faulty_step`: injected faults), evaluation, and the state they
+take (:class:`TrainState`).
 
 They take the static graph definitions first (``nnx.split``), so compilations are reused by
 every run whose model and optimizer have the same structure (``compare.py``, the tests).
@@ -7,6 +8,7 @@ every run whose model and optimizer have the same structure (``compare.py``, the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -64,6 +66,11 @@ def _loss(model, tokens, labels, weights, deterministic):
     return (losses * weights).sum() / denom, (correct * weights).sum() / denom
 
 
+def _guarded(optimizer) -> bool:
+    """Whether the optimizer holds an ``adaptx.guard`` (read off its telemetry's names)."""
+    return any(k.split("/")[-2:] == ["guard", "last_reason"] for k in adaptx.telemetry(optimizer))
+
+
 @functools.cache
 def make_train_step(grad_fn: Callable | None = None, per_tensor: bool = False) -> Callable:
     """The jitted train step; the same arguments give the same function (and compilations).
@@ -83,14 +90,18 @@ def make_train_step(grad_fn: Callable | None = None, per_tensor: bool = False) -
     ):
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
-        (loss, acc), grads = nnx.value_and_grad(_loss, has_aux=True)(
-            model, tokens, labels, weights, False
-        )
-        if grad_fn is not None:
-            grads = grad_fn(grads, *extra)
-        # The loss goes to the optimizer too (optax's extra-args convention), so that a guard
-        # can skip a step whose loss is non-finite or an outlier.
-        updates = optimizer.update(model, grads, value=loss)
+        # A step the guard skips leaves the model's other variables (the dropout RNG
+        # counts) as they were, too: adaptx.restore_on_skip puts them back.
+        restoring = adaptx.restore_on_skip if _guarded(optimizer) else _nothing
+        with restoring(model, optimizer):
+            (loss, acc), grads = nnx.value_and_grad(_loss, has_aux=True)(
+                model, tokens, labels, weights, False
+            )
+            if grad_fn is not None:
+                grads = grad_fn(grads, *extra)
+            # The loss goes to the optimizer too (optax's extra-args convention), so that a
+            # guard can skip a step whose loss is non-finite or an outlier.
+            updates = optimizer.update(model, grads, value=loss)
         params = nnx.state(model, nnx.Param)
         if ema is not None:
             ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
@@ -108,6 +119,39 @@ def make_train_step(grad_fn: Callable | None = None, per_tensor: bool = False) -
 
 
 train_step = make_train_step()
+
+
+def _nothing(model, optimizer):
+    del model, optimizer
+    return contextlib.nullcontext()
+
+
+def param_path(path: tuple) -> str:
+    """A tree path as ``adaptx.telemetry`` names a parameter: ``"encoder/w_rec"``."""
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue  # an nnx Variable's array: the path names the variable
+        names.append(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))))
+    return "/".join(names)
+
+
+def inject(grads, scale: jax.Array, layer: str | None = None):
+    """The gradients times ``scale``: all of them, or only the parameter at path ``layer``."""
+
+    def one(path, g):
+        if layer is None or param_path(path) == layer:
+            return g * scale.astype(g.dtype)
+        return g
+
+    return jax.tree.map_with_path(one, grads)
+
+
+@functools.cache
+def faulty_step(layer: str | None = None, per_tensor: bool = False):
+    """The train step with :func:`inject` in it; its extra input is the step's fault scale
+    (1 on healthy steps, NaN for a NaN gradient)."""
+    return make_train_step(functools.partial(inject, layer=layer), per_tensor=per_tensor)
 
 
 @functools.partial(jax.jit, static_argnums=0)

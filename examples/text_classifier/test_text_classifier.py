@@ -17,9 +17,13 @@ import checkpoints
 import compare
 import config as config_lib
 import data
+import jax
 import numpy as np
 import pytest
+import steps
 import train
+
+import adaptx
 
 HERE = Path(__file__).resolve().parent  # (on sys.path: conftest.py)
 
@@ -236,7 +240,7 @@ def test_injected_nan_is_skipped_by_a_guarded_optimizer(tmp_path):
         dataset=tiny_dataset(),
         max_steps=12,
         tx=optax.apply_if_finite(optax.adam(1e-2), 3),
-        step_fn=compare.faulty_step(),  # compare.py's step: the gradients times the fault
+        step_fn=steps.faulty_step(),  # compare.py's step: the gradients times the fault
         step_inputs=compare.fault_inputs(faults),
         early_stopping=False,
         validate=False,
@@ -249,6 +253,84 @@ def test_injected_nan_is_skipped_by_a_guarded_optimizer(tmp_path):
     )
     row = compare.summarize(result)
     assert row["nonfinite_step"] is None and row["skipped"] == 1 and row["outcome"] != "diverged"
+
+
+def test_a_run_stuck_on_nan_is_stopped_by_check_and_its_log_kept(tmp_path):
+    config = tiny_config(tmp_path, nan_from_step=12, max_nonfinite_steps=5, plot=False)
+    with pytest.raises(adaptx.DivergedError) as info:
+        train.train(config, dataset=tiny_dataset(), early_stopping=False, log=lambda *_: None)
+    # The guard declared it at the 5th NaN step (16). The check runs on the metrics as they
+    # are fetched: every FETCH_EVERY = 10 steps and at the end of each 12-step epoch, so
+    # after steps 9, 11 and 21; the last stops the run, 10 NaN steps in.
+    e = info.value
+    assert (e.step, e.consecutive, e.reason) == (22, 10, "non-finite gradients")
+    assert "(since step 12)" in str(e)
+    rows = [json.loads(x) for x in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "epoch" not in r]
+    assert steps == list(range(22))  # every fetched step is in the log
+    assert [r["guard/diverged"] for r in rows if "epoch" not in r][15:] == [0] + [1] * 6
+    assert not (config.run_dir / "results.json").exists()
+    assert not (config.run_dir / "checkpoint").exists()
+
+
+def test_max_nonfinite_steps_none_never_stops(tmp_path):
+    config = tiny_config(tmp_path, nan_from_step=4, max_nonfinite_steps=None)
+    result = train.train(
+        config,
+        dataset=tiny_dataset(),
+        max_steps=30,
+        validate=False,
+        early_stopping=False,
+        write_files=False,
+        log=lambda *_: None,
+    )
+    assert result["steps"] == 30 and result["params_finite"]  # skipped, never applied
+    assert [r["guard/skipped"] for r in result["history"]][-1] == 26
+
+
+def test_a_skipped_step_leaves_the_model_variables_as_they_were(tmp_path):
+    # With dropout, the forward pass advances the model's RNG counts (not nnx.Param): a
+    # step the guard skips puts them back (adaptx.restore_on_skip in the train step).
+    from flax import nnx
+
+    config = tiny_config(tmp_path, dropout=0.5, embed_dropout=0.5)
+    ds = tiny_dataset()
+    model = train.build_model(config, ds.encoder, ds.num_classes)
+    tx = train.make_optimizer(config, 100)
+    state = steps.TrainState.create(model, tx, 0.0, None)
+    tokens, labels, weights = next(data.batches(ds.train, 16))
+    step = steps.faulty_step()
+
+    def host(variables):
+        def array(x):
+            is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            return np.asarray(jax.random.key_data(x) if is_key else x)
+
+        return jax.tree.leaves(jax.tree.map(array, nnx.to_pure_dict(variables)))
+
+    def run(scale):
+        before = host(state.model)
+        state.model, state.opt, _, metrics = step(
+            state.model_def,
+            state.opt_def,
+            state.model,
+            state.opt,
+            None,
+            tokens,
+            labels,
+            weights,
+            np.float32(0.0),
+            np.float32(scale),
+        )
+        return before, host(state.model), metrics
+
+    before, after, metrics = run(1.0)
+    assert int(metrics["guard/last_reason"]) == 0
+    assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    before, after, metrics = run(math.nan)
+    assert int(metrics["guard/last_reason"]) == 1  # skipped
+    for a, b in zip(before, after, strict=True):  # every variable, bit for bit
+        np.testing.assert_array_equal(a, b)
 
 
 def test_compare_summary_flags_divergence_and_spikes():
@@ -506,7 +588,7 @@ def test_inject_scales_only_the_named_layer(tmp_path):
     ds = tiny_dataset()
     model = build_model(tiny_config(tmp_path), ds.encoder, ds.num_classes)
     grads = nnx.state(model, nnx.Param)
-    out = compare.inject(grads, np.float32(1e4), "encoder/w_rec")
+    out = steps.inject(grads, np.float32(1e4), "encoder/w_rec")
     flat = jax_flat(grads)
     scaled = jax_flat(out)
     assert set(flat) == set(compare.param_paths(tiny_config(tmp_path), ds))
@@ -531,7 +613,7 @@ def test_faulty_step_spikes_only_the_named_layer(tmp_path):
             dataset=ds,
             tx=tx,
             max_steps=6,
-            step_fn=compare.faulty_step(layer, per_tensor=True),
+            step_fn=steps.faulty_step(layer, per_tensor=True),
             step_inputs=compare.fault_inputs(faults),
             validate=False,
             write_files=False,
@@ -550,8 +632,7 @@ def jax_flat(tree) -> dict:
     import jax
 
     return {
-        compare.param_path(p): np.asarray(x)
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        steps.param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
 

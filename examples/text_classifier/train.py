@@ -39,7 +39,9 @@ from model import build_model
 from optimizers import decay_mask, learning_rate, make_optimizer
 from pretrain import pretrain
 from run_files import MetricsLog, start_run_dir, write_outputs
-from steps import TrainState, all_finite, evaluate, make_train_step
+from steps import TrainState, all_finite, evaluate, faulty_step, make_train_step
+
+import adaptx
 
 # What other scripts use as train.X (bench/stability reads learning_rate and decay_mask).
 __all__ = ["Config", "parse_args", "learning_rate", "decay_mask", "make_optimizer"]
@@ -136,7 +138,7 @@ def train_epoch(run: Run, state: TrainState, batches, step: int) -> int:
         )
         run.log.add(step, metrics)
         step += 1
-    run.log.flush()
+    run.log.fetch()
     return step
 
 
@@ -197,6 +199,11 @@ def _describe(config: Config, dataset: data_lib.TextData, model: nnx.Module) -> 
     )
 
 
+def _nan_from(config: Config) -> Callable[[int], tuple]:
+    """``--nan-from-step``: the scale of each step's gradients, NaN from that step on."""
+    return lambda step: (np.float32(np.nan if step >= config.nan_from_step else 1.0),)
+
+
 def train(
     config: Config,
     *,
@@ -238,6 +245,8 @@ def train(
     log(_describe(config, dataset, model))
     path = start_run_dir(config.run_dir, config, dataset) if write_files and main_process else None
     metrics = MetricsLog(path, plan.total_steps, config.progress and main_process, log)
+    if config.nan_from_step is not None and step_fn is None:
+        step_fn, step_inputs = faulty_step(per_tensor=config.per_tensor), _nan_from(config)
     step_fn = step_fn or make_train_step(per_tensor=config.per_tensor)
     run = Run(config, dataset, plan, sharded, metrics, step_fn, step_inputs)
     try:
@@ -277,6 +286,9 @@ def main(argv=None) -> dict:
         return train(config)
     except (data_lib.DataFormatError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except adaptx.DivergedError as e:
+        # The metrics up to the last fetch are in metrics.jsonl; nothing else is written.
+        sys.exit(f"stopped: {e}\nsee: python -m adaptx.report {config.run_dir}")
 
 
 if __name__ == "__main__":
