@@ -9,6 +9,8 @@ Three questions are asked this way:
   separate array and the guard selects the whole chain's state.
 - ``per-tensor``: what do the per-tensor figures cost? Each recipe is built without
   (A) and with ``per_tensor=True`` (B).
+- ``monitor``: what does ``adaptx.monitor`` cost? Each recipe is built alone (A) and
+  inside ``adaptx.monitor`` (B); ``bench/monitor_cost.py`` shows where its passes go.
 - ``engine``: did a change of the library cost anything? Each recipe is built by the
   ``adaptx`` of an earlier revision (A, ``--before REV``, default the last commit before
   the Adam engine) and by the working tree's (B). The earlier package is exported from
@@ -29,6 +31,7 @@ For each tree and recipe it reports:
     python -m bench.paired per-tensor --trees transformer,many_small
     python -m bench.paired chain --quick          # tiny trees, seconds
     python -m bench.paired engine --before 0824b51 --out bench/measured/engine
+    python -m bench.paired monitor --recipes adamw,robust_adamw --out bench/measured/monitor_paired
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def build(question: str, recipe: str, label: str, before=None):
         return RECIPES[recipe](adaptx, **kw)
     if question == "engine":
         return ENGINE_RECIPES[recipe](before if label == "A" else adaptx)
+    if question == "monitor":
+        tx = ENGINE_RECIPES[recipe](adaptx)
+        return adaptx.monitor(tx) if label == "B" else tx
     return ENGINE_RECIPES[recipe](adaptx) if label == "A" else user_chain(recipe)
 
 
@@ -160,7 +166,12 @@ def measure(question: str, tree: str, recipe: str, quick: bool, reps: int, befor
     return out
 
 
-LABELS = {"chain": ("recipe", "chain"), "per-tensor": ("off", "on"), "engine": ("before", "after")}
+LABELS = {
+    "chain": ("recipe", "chain"),
+    "per-tensor": ("off", "on"),
+    "engine": ("before", "after"),
+    "monitor": ("alone", "monitored"),
+}
 
 
 def markdown(rows: list[dict]) -> str:
