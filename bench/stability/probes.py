@@ -151,12 +151,12 @@ def _replay_steps(tx, norms: np.ndarray, dim: int = 256, seed: int = 0) -> np.nd
 def spike_response() -> None:
     """How big is the step at a 1e4x gradient spike, and how long are steps suppressed after?
 
-    On the 9 healthy recorded runs (``traces.npz``), gradients of the recorded norms in
+    On the healthy recorded runs (``traces.npz``), gradients of the recorded norms in
     random directions go through each optimizer (learning rate 1e-3, no weight decay),
-    with and without 1e4x spikes at the benchmark's fault steps. Reported, worst over runs
-    and spikes: the step at the spike over the run's median step, and the steps after it
-    until the step is back to half the fault-free run's step (Adam's second moment
-    remembers the spike for about 1 / (1 - b2) steps, shrinking every step meanwhile).
+    with and without 1e4x spikes at the benchmark's steady-state fault steps. Reported,
+    worst over runs and spikes: the step at the spike over the run's median step, and the
+    steps after it until the step is back to half the fault-free run's step (Adam's second
+    moment remembers the spike for about 1 / (1 - b2) steps, shrinking every step meanwhile).
     """
     import optax
 

@@ -213,6 +213,10 @@ def _grid_table(results: dict) -> list[str]:
     return lines
 
 
+def _hp(hp: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in hp.items())
+
+
 def markdown(results: dict) -> str:
     m = results["meta"]
     out = [
@@ -247,11 +251,16 @@ def markdown(results: dict) -> str:
         ]
     if "grid" in results:
         g = results["grid"]
+        ties = [_hp(g["rows"][i]["hp"]) for i in g["ties"] if i != g["pick"]]
+        chosen = _hp(g["rows"][g["pick"]]["hp"])
         out += [
             "## Calibration of adaptx.robust_adamw (clip_spikes settings)",
             "",
             f"Chosen on the calibration runs alone by `run.pick`: {g['rule']}. "
-            f"Pick: {g['rows'][g['pick']]['hp']}; the recipe's defaults: {g['defaults']}.",
+            f"Pick (in bold; the first in grid order among equals): {chosen}; "
+            f"equal on every one of those figures: {'; '.join(ties) or 'none'}. "
+            f"The recipe's defaults: {_hp(g['defaults'])}. The held-out columns are shown "
+            "for checking; they play no part in the pick.",
             "",
             *_grid_table(results),
             "",

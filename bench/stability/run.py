@@ -93,32 +93,31 @@ PICK_RULE = (
 )
 
 
+def _pick_key(row: dict, meta: dict) -> tuple:
+    s = report.summary(row["per_trace"], meta, "calibration")
+    big = (s["recall_big"] + s["warmup_recall_big"]) / 2
+    return (-round(big, 4), round(s["steady_max"], 3), -s["recall"]["spike 10x"], s["adapt_max"])
+
+
 def pick(rows: list[dict], meta: dict) -> int:
-    """The index of the grid row :data:`PICK_RULE` chooses, from calibration scores only."""
-
-    def key(i: int):
-        s = report.summary(rows[i]["per_trace"], meta, "calibration")
-        big = (s["recall_big"] + s["warmup_recall_big"]) / 2
-        return (
-            -round(big, 4),
-            round(s["steady_max"], 3),
-            -s["recall"]["spike 10x"],
-            s["adapt_max"],
-        )
-
-    return min(range(len(rows)), key=key)
+    """The index of the grid row :data:`PICK_RULE` chooses, from calibration scores only
+    (the first in grid order among equals)."""
+    return min(range(len(rows)), key=lambda i: _pick_key(rows[i], meta))
 
 
 def calibrate(traces: dict, meta: dict) -> dict:
     """The recipe on every trace for each point of :data:`GRID` (one compilation per trace
-    length), and the point :func:`pick` chooses from the calibration runs."""
+    length), the point :func:`pick` chooses from the calibration runs, and every point
+    that scores the same there."""
     d = defenses.by_name("adaptx.robust_adamw")
     rows = []
     for values in itertools.product(*GRID.values()):
         hp = dict(zip(GRID, values, strict=True))
         per = {n: replay_lib.score(d, t, seed=i, hp=hp) for i, (n, t) in enumerate(traces.items())}
         rows.append({"hp": hp, "per_trace": per})
-    return {"rows": rows, "pick": pick(rows, meta), "rule": PICK_RULE, "defaults": DEFAULTS}
+    best = pick(rows, meta)
+    ties = [i for i, r in enumerate(rows) if _pick_key(r, meta) == _pick_key(rows[best], meta)]
+    return {"rows": rows, "pick": best, "ties": ties, "rule": PICK_RULE, "defaults": DEFAULTS}
 
 
 def step_cost(chosen, quick: bool) -> dict:
