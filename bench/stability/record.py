@@ -1,6 +1,6 @@
 """Records the traces the stability benchmark replays: unprotected runs on real data.
 
-    python -m bench.stability.record              # every workload (about 10 minutes on 2 cores)
+    python -m bench.stability.record              # every workload (15 minutes on 2 shared cores)
     python -m bench.stability.record --only lm,rnn  # names containing "lm" or "rnn"
 
 Each workload trains with no defense at all (optax AdamW or SGD, no clipping) and keeps
@@ -8,7 +8,9 @@ the per-step training loss and the global norm of the gradient the optimizer rec
 They are written to ``bench/stability/traces.npz`` (float32 arrays ``<name>/loss`` and
 ``<name>/grad_norm``) and ``traces.json`` (what each run was, and whether it was healthy:
 finite throughout, no loss spike (see ``healthy``), and learned: a
-classifier above 60 % test accuracy, the LM's held-out loss below 0.8 of its initial loss).
+classifier above 60 % test accuracy, the LM's held-out loss below 0.8 of its initial loss),
+and its ``split``: ``"calibration"`` for the runs of :data:`CALIBRATION`, on which the
+benchmark's defaults are chosen, ``"held-out"`` for the runs it reports.
 """
 
 from __future__ import annotations
