@@ -15,6 +15,9 @@ and the norm that reached Adam's moments:
 
 For an ``optax.chain`` the norm that reached Adam is recorded by :func:`tap`, placed just
 before it; adaptx's recipes report it (``guard/grad_norm`` times the clip's ``scale``).
+Under OLMo-core's rule a skipped NaN step still writes ``old + 0 * NaN`` into the inner
+state, the tap's included, so every later step of that replay reads as clipped: like the
+run's moments, it never recovers.
 """
 
 from __future__ import annotations
