@@ -235,13 +235,13 @@ def robust_adamw(
       It is the recipe's one per-tensor defense (a spike confined to one small tensor
       barely moves the global norm), and its costliest part: the per-tensor reduction
       reads ``g`` and ``v`` once more. ``update_rms_clip=None`` keeps the detector and the
-      guard alone; on ``bench/stability``'s replays it scores the same as the default and
-      steps at 1.13x ``adaptx.adamw`` against the default's 1.53x (7.3 M parameters,
-      XLA:CPU; ``bench/README.md``).
+      guard alone; on ``bench/stability``'s replays it catches the same faults as the
+      default, intervenes less and steps faster (figures in ``bench/README.md``).
 
-    The defaults were chosen on the recorded runs of ``bench/stability`` (see
-    ``bench/README.md``): on every healthy run the clip and the guard intervene on at
-    most 1 % of the steps after the first tenth, every NaN/Inf and every spike of 100x
+    The defaults were chosen on the calibration runs of ``bench/stability`` and are
+    reported on its held-out runs (see ``bench/README.md``): on every healthy run the
+    clip, the guard and the update clip intervene on at most 1 % of the steps after the
+    first tenth, every NaN/Inf and every spike of 100x
     or more is caught from the first step, a spike leaves no aftershock, and a lasting
     10x rise of the norm is absorbed within a bounded number of steps. ZClip's paper
     defaults (``adaptx.zclip``) flag far more healthy steps, and are kept as they are.

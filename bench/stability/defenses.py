@@ -1,9 +1,9 @@
-"""Every defense the benchmark compares, defined once.
+"""Every defense the benchmark compares, defined once, as the whole optimizer.
 
-A :class:`Defense` builds the transformation that is replayed (``build(**hp)``; the
-hyperparameters ``hp`` may be tracers, so one compilation serves a whole calibration
-grid), says how much of the incoming gradient norm it let through at each step
-(``passed``), and builds the full optimizer whose step time is measured (``recipe``).
+A :class:`Defense` builds the full optimizer, defense and AdamW together (``build(**hp)``;
+the hyperparameters ``hp`` may be tracers, so one compilation serves a whole calibration
+grid). The same object is replayed on the traces and timed by ``cost.py``. ``observe``
+reads what each of its parts did at a step (:mod:`bench.stability.observe`).
 """
 
 from __future__ import annotations
@@ -12,160 +12,125 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import adaptx
-from bench.stability import peers
+from bench.stability import observe, peers
 
 LR = 1e-3
+WEIGHT_DECAY = 1e-4
 
 
 class Defense(NamedTuple):
     name: str
-    build: Callable[..., optax.GradientTransformation]
+    build: Callable[..., optax.GradientTransformation]  # replayed (hp may be tracers)
     hp: dict
-    passed: Callable[
-        [jax.Array, Any], jax.Array
-    ]  # (norm of the output, new state) -> norm let through
-    recipe: Callable[[], optax.GradientTransformation] | None
+    observe: Callable[[jax.Array, Any, Any], observe.Step]  # (norm in, update out, state)
+    timed: Callable[[], optax.GradientTransformation]  # what cost.py times
     source: str
 
 
-def _out(out_norm, state):
-    del state
-    return out_norm
-
-
-def _adaptx_recipe(out_norm, state):
-    """The norm adaptx's recipe let into Adam: 0 when its guard skipped, else ``n * scale``."""
-    del out_norm
-    figures = adaptx.telemetry(state)
-    scale = jnp.ones([])
-    for key in ("clip_spikes/scale", "zclip/scale", "clip_by_global_norm/scale"):
-        if key in figures:
-            scale = figures[key]
-    n = figures["guard/grad_norm"]
-    return jnp.where(figures["guard/last_reason"] > 0, 0.0, n * scale)
-
-
 def _adamw():
-    return optax.adamw(LR, weight_decay=1e-4)
+    return optax.adamw(LR, weight_decay=WEIGHT_DECAY)
 
 
-def _clip_adamw():
-    return optax.chain(optax.clip_by_global_norm(1.0), _adamw())
+def _chain(name: str, source: str, *front: Callable, wrap: Callable = lambda tx: tx) -> Defense:
+    """``wrap(chain(front..., adamw))``: replayed with :func:`observe.tap` before AdamW,
+    timed without it."""
+
+    def build(tap: bool = True):
+        taps = (observe.tap(),) if tap else ()
+        return wrap(optax.chain(*(f() for f in front), *taps, _adamw()))
+
+    return Defense(name, build, {}, observe.chain_step, lambda: build(tap=False), source)
 
 
-def _window(rule, on):
-    return lambda **hp: rule(optax.identity(), on=on)
-
-
-def _window_recipe(rule, on):
-    return lambda: rule(_clip_adamw(), on=on)
-
-
-def robust_front(**hp) -> optax.GradientTransformation:
+def robust(**hp) -> optax.GradientTransformation:
     """``adaptx.robust_adamw`` with these keyword overrides, replayed as it is."""
-    return adaptx.robust_adamw(LR, **hp)
+    return adaptx.robust_adamw(LR, weight_decay=WEIGHT_DECAY, **hp)
+
+
+def _recipe(name: str, source: str, build: Callable) -> Defense:
+    return Defense(name, build, {}, observe.recipe_step, build, source)
+
+
+def _previous_rule():
+    return adaptx.guard(
+        optax.chain(
+            adaptx.zclip(),
+            adaptx.scale_by_adam(update_rms_clip=1.0),
+            optax.add_decayed_weights(WEIGHT_DECAY),
+            optax.scale(-LR),
+        )
+    )
+
+
+def _clip():
+    return optax.clip_by_global_norm(1.0)
 
 
 DEFENSES: tuple[Defense, ...] = (
-    Defense("none", lambda: optax.identity(), {}, _out, _adamw, "optax.adamw, nothing else"),
-    Defense(
-        "optax clip 1.0",
-        lambda: optax.clip_by_global_norm(1.0),
-        {},
-        _out,
-        _clip_adamw,
-        "optax.clip_by_global_norm(1.0) + adamw",
-    ),
-    Defense(
+    _chain("none", "optax.adamw, nothing else"),
+    _chain("optax clip 1.0", "optax.clip_by_global_norm(1.0) + adamw", _clip),
+    _chain(
         "optax apply_if_finite(clip 1.0)",
-        lambda: optax.apply_if_finite(optax.clip_by_global_norm(1.0), max_consecutive_errors=20),
-        {},
-        _out,
-        lambda: optax.apply_if_finite(_clip_adamw(), max_consecutive_errors=20),
         "optax.apply_if_finite(clip + adamw, max_consecutive_errors=20)",
+        _clip,
+        wrap=lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=20),
     ),
-    Defense(
-        "window 6σ/128 loss+norm, ×0 (levanter)",
-        _window(peers.levanter, ("loss", "grad_norm")),
-        {},
-        _out,
-        _window_recipe(peers.levanter, ("loss", "grad_norm")),
-        "levanter skipstep.py; OLMo-core the same with N-1 std",
+    _chain(
+        "levanter skip step",
+        "marin-community/marin src/levanter/optim/skipstep.py (c877ddb): loss and norm, "
+        "update x 0, inner state selected with where; around adamw",
+        wrap=peers.levanter,
     ),
-    Defense(
-        "window 6σ/128 norm, select (MaxText)",
-        _window(peers.maxtext, ("grad_norm",)),
-        {},
-        _out,
-        _window_recipe(peers.maxtext, ("grad_norm",)),
-        "MaxText skip_step_on_spikes, gradient norm only",
+    _chain(
+        "OLMo-core skip step",
+        "allenai/OLMo-core src/olmo_core/optim/skip_step_optimizer.py (067267c): two-sided "
+        "z-score, update and moment updates x 0; around adamw",
+        wrap=peers.olmo_core,
     ),
-    Defense(
-        "window 6σ/128 loss, select (MaxText)",
-        _window(peers.maxtext, ("loss",)),
-        {},
-        _out,
-        _window_recipe(peers.maxtext, ("loss",)),
-        "MaxText skip_step_on_spikes, loss only (OLMo-core without max_grad_norm)",
+    _chain(
+        "MaxText (clip 1.0, then skip)",
+        "AI-Hypercomputer/maxtext src/maxtext/optimizers/optimizers.py skip_step_on_spikes "
+        "(a90f992) as trainers/pre_train/train.py (000e6d8) calls it: clip 1.0, loss and "
+        "clipped norm, lax.cond; around adamw",
+        wrap=peers.maxtext,
     ),
-    Defense(
+    _chain(
+        "MaxText (no clip, skip)",
+        "the same with gradient_clipping_threshold=0",
+        wrap=lambda tx: peers.maxtext(tx, clip=None),
+    ),
+    _chain(
         "zclip (paper defaults)",
-        lambda: adaptx.zclip(),
-        {},
-        _out,
-        lambda: optax.chain(adaptx.zclip(), _adamw()),
         "Kumar et al. 2025: alpha 0.97, z 2.5, 25 warm-up steps",
+        adaptx.zclip,
     ),
-    Defense(
+    _chain(
         "autoclip (paper defaults)",
-        lambda: adaptx.autoclip(),
-        {},
-        _out,
-        lambda: optax.chain(adaptx.autoclip(), _adamw()),
         "Seetharaman et al. 2020: 10th percentile, history 1000",
+        adaptx.autoclip,
     ),
-    Defense(
+    _recipe(
         "guard + zclip 2.5 (robust_adamw's previous rule)",
-        lambda: adaptx.guard(adaptx.zclip()),
-        {},
-        _out,
-        lambda: adaptx.guard(
-            optax.chain(
-                adaptx.zclip(),
-                adaptx.scale_by_adam(update_rms_clip=1.0),
-                optax.add_decayed_weights(1e-4),
-                optax.scale(-LR),
-            )
-        ),
         "the recipe's previous rule, guard(zclip() + update-clipped AdamW), as a plain optax.chain",
+        _previous_rule,
     ),
-    Defense(
+    _recipe(
         "adaptx.robust_adamw",
-        robust_front,
-        {},
-        _adaptx_recipe,
-        lambda: adaptx.robust_adamw(LR),
         "guard(clip_spikes + update-clipped AdamW), the recipe's defaults",
+        robust,
     ),
-    Defense(
+    _recipe(
         "adaptx.robust_adamw(update_rms_clip=None)",
-        lambda: robust_front(update_rms_clip=None),
-        {},
-        _adaptx_recipe,
-        lambda: adaptx.robust_adamw(LR, update_rms_clip=None),
         "the recipe without StableAdamW's update clipping: detector and guard only",
+        lambda **hp: robust(update_rms_clip=None, **hp),
     ),
-    Defense(
+    _recipe(
         "adaptx.robust_adamw(loss_z=6)",
-        lambda: robust_front(loss_z=6.0),
-        {},
-        _adaptx_recipe,
-        lambda: adaptx.robust_adamw(LR, loss_z=6.0),
         "the recipe, also skipping a loss 6 standard deviations above its running mean",
+        lambda **hp: robust(loss_z=6.0, **hp),
     ),
 )
 

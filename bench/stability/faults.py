@@ -1,4 +1,13 @@
-"""Faults injected into a recorded trace of (loss, gradient norm), one kind at a time."""
+"""Faults injected into a recorded trace of (loss, gradient norm), one kind at a time, in
+two regimes that are scored apart.
+
+* **Warm-up**: one fault alone, at step 0 or at a random step before :data:`WARMUP_END`,
+  where no rule that learns from history has its history yet (the window rules of
+  levanter, OLMo-core and MaxText start skipping once 63-64 values are in their window).
+* **Steady state**: the first fault at a random step in ``[STEADY_START, STEADY_START +
+  64)``, after every peer's 128-step window is full, then faults ``GAP`` to ``2 GAP - 1``
+  steps apart, so that each fault has left every window (128 steps) before the next one.
+"""
 
 from __future__ import annotations
 
@@ -13,28 +22,47 @@ KINDS = (*SPIKES, "nan", "inf")
 SHIFT = 10.0
 #: Steps after a fault in which interventions count as its aftershocks.
 AFTERSHOCK = 50
+#: The longest window of the peers' rules, in steps.
+LONGEST_WINDOW = 128
+#: Warm-up faults fall before this step (the window rules skip from step 63-64 on).
+WARMUP_END = 64
+#: Random warm-up fault steps per kind and trace, besides step 0.
+WARMUP_DRAWS = 3
+#: The first steady-state fault falls at this step or up to 63 after it.
+STEADY_START = LONGEST_WINDOW + 22
+#: Steady-state faults are at least this far apart (and less than twice as far).
+GAP = LONGEST_WINDOW + 2
 
 
 class Scenario(NamedTuple):
     """One replay's inputs: norms, losses, and where the faults are."""
 
     name: str
+    regime: str  # "clean", "warm-up", "steady" or "shift"
+    kind: str | None
     norms: np.ndarray  # float32 [T]
     losses: np.ndarray  # float32 [T]
     fault_steps: np.ndarray  # int [K], empty for the clean and shift scenarios
     shift_from: int | None
 
 
-def fault_steps(n_steps: int, seed: int, gap: int = AFTERSHOCK + 10) -> np.ndarray:
-    """A random step among the first 30 (in every warm-up), then random steps >= ``gap`` apart."""
+def steady_steps(n_steps: int, seed: int) -> np.ndarray:
+    """Steady-state fault steps: the first in ``[STEADY_START, STEADY_START + 64)``, then
+    ``GAP + U[0, GAP)`` apart, each at least :data:`AFTERSHOCK` steps before the end."""
     rng = np.random.default_rng(seed)
-    t = int(rng.integers(1, 30))
-    steps = [t]
-    while True:
-        t += gap + int(rng.integers(0, gap))
-        if t >= n_steps - AFTERSHOCK:
-            return np.array(steps)
+    t = STEADY_START + int(rng.integers(0, 64))
+    steps = []
+    while t < n_steps - AFTERSHOCK:
         steps.append(t)
+        t += GAP + int(rng.integers(0, GAP))
+    return np.array(steps, dtype=np.int64)
+
+
+def warmup_steps(seed: int) -> np.ndarray:
+    """Step 0 and :data:`WARMUP_DRAWS` distinct random steps in ``[1, WARMUP_END)``."""
+    rng = np.random.default_rng(seed + 10_000)
+    drawn = rng.choice(np.arange(1, WARMUP_END), size=WARMUP_DRAWS, replace=False)
+    return np.concatenate([[0], np.sort(drawn)]).astype(np.int64)
 
 
 def _inject(kind: str, norms: np.ndarray, losses: np.ndarray, steps) -> tuple:
@@ -49,18 +77,24 @@ def _inject(kind: str, norms: np.ndarray, losses: np.ndarray, steps) -> tuple:
 
 
 def scenarios(norms: np.ndarray, losses: np.ndarray, seed: int) -> list[Scenario]:
-    """The clean run; each fault kind at the same random steps, and alone at the very first
-    step (``"<kind> @0"``, before any statistics exist); and the lasting shift."""
+    """The clean run; each fault kind at the steady-state steps (one replay) and alone at
+    each warm-up step (one replay each); and the lasting shift."""
     norms = np.asarray(norms, np.float32)
     losses = np.asarray(losses, np.float32)
-    steps = fault_steps(len(norms), seed)
-    out = [Scenario("clean", norms, losses, steps[:0], None)]
+    steady = steady_steps(len(norms), seed)
+    none = steady[:0]
+    out = [Scenario("clean", "clean", None, norms, losses, none, None)]
     for kind in KINDS:
-        out.append(Scenario(kind, *_inject(kind, norms, losses, steps), steps, None))
-        first = np.array([0])
-        out.append(Scenario(f"{kind} @0", *_inject(kind, norms, losses, first), first, None))
+        if steady.size:
+            out.append(
+                Scenario(kind, "steady", kind, *_inject(kind, norms, losses, steady), steady, None)
+            )
+        for t in warmup_steps(seed):
+            at = np.array([t])
+            n, loss = _inject(kind, norms, losses, at)
+            out.append(Scenario(f"{kind} @{t}", "warm-up", kind, n, loss, at, None))
     half = len(norms) // 2
     n = norms.copy()
     n[half:] *= SHIFT
-    out.append(Scenario("shift 10x", n, losses, steps[:0], half))
+    out.append(Scenario("shift 10x", "shift", None, n, losses, none, half))
     return out

@@ -1,23 +1,35 @@
 """The skip-step rules that large training codebases ship, written from their published code.
 
 All three keep the last 128 losses and gradient norms and skip a step whose value is more
-than 6 standard deviations above the window's mean, judged against the window *before*
-the current value is added. Read from:
+than 6 standard deviations from the window's mean, judged against the window *before*
+the current value is added:
 
-* levanter, ``src/levanter/optim/skipstep.py`` (``marin-community/levanter`` at 9263f81):
-  population std floored at 1e-6; skips once 64 values are in the window; a step is
-  skipped when the loss *or* the norm is out; the update is multiplied by 0 (so a NaN
-  update stays NaN); every value enters the window, skipped or NaN.
-* OLMo-core, ``src/olmo_core/optim/skip_step_optimizer.py`` (``allenai/OLMo-core`` at
-  fa6c501): the same window and threshold, unbiased std (N - 1) with no floor, skipping
-  once 63 values precede the current one; the update and the moment updates are
-  multiplied by the 0/1 factor.
-* MaxText, ``skip_step_on_spikes`` in ``optimizers.py`` (``AI-Hypercomputer/maxtext`` at
-  e591f30): unbiased std, the same start, and the skip is a ``lax.cond`` that returns
-  zeros and the old state (no NaN leaks); its norm is taken after clipping.
+.. math::
+
+    \\text{skip}_t = \\big(\\text{count} \\ge h\\big) \\wedge
+    \\neg\\big(x_t - \\bar x_{\\text{window}} \\le 6\\,\\sigma_{\\text{window}}\\big)
+
+for ``x`` the loss and the gradient norm (a NaN makes the comparison false: skipped).
+Read from (repository, path, commit):
+
+* levanter: ``marin-community/marin``, ``src/levanter/optim/skipstep.py`` at c877ddb:
+  population std floored at 1e-6; skips once ``h = 64`` values are in the window; the
+  norm is that of the gradient the wrapper receives; the update is multiplied by the 0/1
+  factor (so a NaN update stays NaN) and the inner state is selected with ``where``;
+  every value enters the window, skipped or NaN.
+* OLMo-core: ``allenai/OLMo-core``, ``src/olmo_core/optim/skip_step_optimizer.py`` at
+  067267c: unbiased std (N - 1) with no floor, a two-sided z-score (``|x - mean| / std``),
+  skipping once 64 values are held counting the current one (63 before it); the factor
+  multiplies the update and the moment updates alike (a NaN stays NaN in both).
+* MaxText: ``AI-Hypercomputer/maxtext``, ``src/maxtext/optimizers/optimizers.py``
+  (``skip_step_on_spikes``) at a90f992, and ``src/maxtext/trainers/pre_train/train.py``
+  at 000e6d8: unbiased std, skipping once ``count + 1 >= 64``; the skip is a ``lax.cond``
+  that returns zeros and the old inner state (no NaN leaks); the train step first clips
+  the gradient to ``gradient_clipping_threshold`` (default 1.0) with
+  ``optax.clip_by_global_norm``, then passes the norm of the *clipped* gradient.
 
 :func:`window_skip` is that rule with each of these choices as an argument; it wraps an
-inner transformation like :func:`adaptx.guard` does.
+inner transformation like :func:`adaptx.guard` does. :func:`maxtext` adds MaxText's clip.
 """
 
 from __future__ import annotations
@@ -27,6 +39,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+#: How a skip is applied: multiply the update by 0 and select the old inner state
+#: (levanter), multiply the update and the state's change by 0 (OLMo-core), or run only
+#: one branch with ``lax.cond`` (MaxText).
+MODES = ("multiply", "multiply_state", "cond")
 
 
 class WindowSkipState(NamedTuple):
@@ -38,7 +55,7 @@ class WindowSkipState(NamedTuple):
     skipped: jax.Array  # 1 if the last step was skipped
 
 
-def _ok(history: jax.Array, filled: jax.Array, x: jax.Array, sigma: float, ddof: int, floor):
+def _ok(history, filled, x, sigma: float, ddof: int, floor, two_sided: bool):
     """``x - mean <= sigma * std`` over the first ``filled`` slots (False for NaN, as in torch)."""
     valid = jnp.arange(history.shape[0]) < filled
     n = jnp.maximum(filled.astype(jnp.float32), 1.0)
@@ -47,7 +64,28 @@ def _ok(history: jax.Array, filled: jax.Array, x: jax.Array, sigma: float, ddof:
     std = jnp.sqrt(var)
     if floor is not None:
         std = jnp.maximum(std, floor)
-    return (x - mean) <= sigma * std
+    dev = jnp.abs(x - mean) if two_sided else x - mean
+    return dev <= sigma * std
+
+
+def _apply_skip(mode: str, skip, run_inner, updates, old_inner):
+    """The inner update, or zeros and the old state, as ``mode`` does it."""
+    if mode == "cond":
+        return jax.lax.cond(
+            skip, lambda: (jax.tree.map(jnp.zeros_like, updates), old_inner), run_inner
+        )
+    new_updates, new_inner = run_inner()
+    keep = jnp.where(skip, 0.0, 1.0)
+    out = jax.tree.map(lambda u: u * keep.astype(u.dtype), new_updates)
+    if mode == "multiply":
+        return out, jax.tree.map(lambda n, o: jnp.where(skip, o, n), new_inner, old_inner)
+
+    def scaled(n, o):  # the state's change times the factor; counters selected
+        if jnp.issubdtype(n.dtype, jnp.floating):
+            return o + keep.astype(n.dtype) * (n - o)
+        return jnp.where(skip, o, n)
+
+    return out, jax.tree.map(scaled, new_inner, old_inner)
 
 
 def window_skip(
@@ -59,14 +97,17 @@ def window_skip(
     min_history: int = 64,
     ddof: int = 0,
     std_floor: float | None = 1e-6,
-    multiply: bool = True,
+    mode: str = "multiply",
+    two_sided: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips a step whose loss or gradient norm is ``sigma`` std above the last ``window``.
 
     The loss is read from ``value=`` (the optax extra-args convention); the norm is the
-    incoming gradients' global norm. ``multiply=True`` zeroes the update by multiplying
-    it by 0 (levanter, OLMo-core), ``False`` selects zeros (MaxText).
+    incoming gradients' global norm, or ``window_norm=`` when given (MaxText passes the
+    norm of its clipped gradient). ``mode`` is one of :data:`MODES`.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -75,21 +116,24 @@ def window_skip(
         return WindowSkipState(inner.init(params), buf, buf, zero, zero, zero)
 
     def update_fn(updates, state, params=None, **extra):
-        norm = optax.tree.norm(updates).astype(jnp.float32)
+        norm = extra.pop("window_norm", None)
+        norm = optax.tree.norm(updates) if norm is None else norm
+        norm = jnp.asarray(norm, jnp.float32)
         loss = jnp.asarray(extra.get("value", 0.0), jnp.float32)
         ok = jnp.ones([], bool)
+        stats = dict(sigma=sigma, ddof=ddof, floor=std_floor, two_sided=two_sided)
         if "loss" in on:
-            ok &= _ok(state.losses, state.count, loss, sigma, ddof, std_floor)
+            ok &= _ok(state.losses, state.count, loss, **stats)
         if "grad_norm" in on:
-            ok &= _ok(state.norms, state.count, norm, sigma, ddof, std_floor)
+            ok &= _ok(state.norms, state.count, norm, **stats)
         skip = (state.count >= min_history) & ~ok
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
-        if multiply:
-            factor = jnp.where(skip, 0.0, 1.0)
-            out = jax.tree.map(lambda u: u * factor.astype(u.dtype), new_updates)
-        else:
-            out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-        inner_state = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new_inner, state.inner_state)
+        out, inner_state = _apply_skip(
+            mode,
+            skip,
+            lambda: inner.update(updates, state.inner_state, params, **extra),
+            updates,
+            state.inner_state,
+        )
         i = state.index
         return out, WindowSkipState(
             inner_state=inner_state,
@@ -105,14 +149,26 @@ def window_skip(
 
 def levanter(inner, on=("loss", "grad_norm")):
     """levanter's ``SkipStepConfig`` defaults."""
-    return window_skip(inner, on=on, ddof=0, std_floor=1e-6, multiply=True, min_history=64)
+    return window_skip(inner, on=on, ddof=0, std_floor=1e-6, mode="multiply", min_history=64)
 
 
 def olmo_core(inner, on=("loss", "grad_norm")):
     """OLMo-core's ``SkipStepOptimizer`` defaults (the current value is the 64th entry)."""
-    return window_skip(inner, on=on, ddof=1, std_floor=None, multiply=True, min_history=63)
+    return window_skip(
+        inner, on=on, ddof=1, std_floor=None, mode="multiply_state", min_history=63, two_sided=True
+    )
 
 
-def maxtext(inner, on=("loss", "grad_norm")):
-    """MaxText's ``skip_step_on_spikes`` defaults."""
-    return window_skip(inner, on=on, ddof=1, std_floor=None, multiply=False, min_history=63)
+def maxtext(inner, on=("loss", "grad_norm"), clip: float | None = 1.0):
+    """MaxText's train step with ``skip_step_on_spikes``: the gradient clipped to ``clip``
+    (``gradient_clipping_threshold``; ``None`` or 0 for none), its norm *after* the clip
+    given to the window rule, and the skip a ``lax.cond``."""
+    rule = window_skip(inner, on=on, ddof=1, std_floor=None, mode="cond", min_history=63)
+    clipper = optax.clip_by_global_norm(clip) if clip else optax.identity()
+
+    def update_fn(updates, state, params=None, **extra):
+        clipped, _ = clipper.update(updates, optax.EmptyState())
+        extra["window_norm"] = optax.tree.norm(clipped)
+        return rule.update(clipped, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(rule.init, update_fn)

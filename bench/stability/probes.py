@@ -91,11 +91,25 @@ def unguarded_chain(update_rms_clip: float | None = 5.0):
     )
 
 
+#: optax AdamW alone, clipped, and inside the peers' skip rules, as the stability benchmark
+#: times them.
+OPTAX_DEFENSES = (
+    "none",
+    "optax clip 1.0",
+    "levanter skip step",
+    "OLMo-core skip step",
+    "MaxText (clip 1.0, then skip)",
+    "MaxText (no clip, skip)",
+)
+
+
 def passes() -> None:
-    """Full-size passes of the Adam recipes, robust_adamw's chain, and a user's own chain."""
+    """Full-size passes of the Adam recipes, robust_adamw's chain, a user's own chain, and
+    the peers' skip rules (``where`` or ``lax.cond``) around optax AdamW."""
     import optax
 
     import adaptx
+    from bench.stability import defenses
 
     for name, tx in {
         "AdamW + update clip (the chain without detector and guard)": unguarded_chain(),
@@ -108,6 +122,7 @@ def passes() -> None:
         "a user's chain(zclip, scale_by_adam(update_rms_clip=1), scale)": optax.chain(
             adaptx.zclip(), adaptx.scale_by_adam(update_rms_clip=1.0), optax.scale(-1e-3)
         ),
+        **{name: defenses.by_name(name).timed() for name in OPTAX_DEFENSES},
     }.items():
         print(f"{name}: {full_size_passes(tx):.2f} full-size passes")
 
@@ -136,12 +151,12 @@ def _replay_steps(tx, norms: np.ndarray, dim: int = 256, seed: int = 0) -> np.nd
 def spike_response() -> None:
     """How big is the step at a 1e4x gradient spike, and how long are steps suppressed after?
 
-    On the 9 healthy recorded runs (``traces.npz``), gradients of the recorded norms in
+    On the healthy recorded runs (``traces.npz``), gradients of the recorded norms in
     random directions go through each optimizer (learning rate 1e-3, no weight decay),
-    with and without 1e4x spikes at the benchmark's fault steps. Reported, worst over runs
-    and spikes: the step at the spike over the run's median step, and the steps after it
-    until the step is back to half the fault-free run's step (Adam's second moment
-    remembers the spike for about 1 / (1 - b2) steps, shrinking every step meanwhile).
+    with and without 1e4x spikes at the benchmark's steady-state fault steps. Reported,
+    worst over runs and spikes: the step at the spike over the run's median step, and the
+    steps after it until the step is back to half the fault-free run's step (Adam's second
+    moment remembers the spike for about 1 / (1 - b2) steps, shrinking every step meanwhile).
     """
     import optax
 
@@ -167,7 +182,7 @@ def spike_response() -> None:
             if not meta[run]["healthy"]:
                 continue
             norms = t["grad_norm"].astype(np.float64)
-            at = faults.fault_steps(len(norms), seed=i)
+            at = faults.steady_steps(len(norms), seed=i)
             spiked = norms.copy()
             spiked[at] *= 1e4
             clean, hit = _replay_steps(make(), norms), _replay_steps(make(), spiked)

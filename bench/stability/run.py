@@ -6,15 +6,18 @@
 
 Replays every trace of ``traces.npz`` (recorded by ``python -m bench.stability.record``)
 through every defense of ``defenses.py``, clean and with each fault of ``faults.py``,
-and writes ``<out>.json`` and ``<out>.md``.
+and writes ``<out>.json`` and ``<out>.md``. The recipe's clip settings are chosen on the
+calibration runs alone (:func:`pick`); the summary reports the held-out runs alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import optax
 import adaptx
 from bench.stability import cost, defenses, probes, report
 from bench.stability import replay as replay_lib
+from bench.stability.record import CALIBRATION
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,16 +41,33 @@ GRID = {
 }
 
 
+#: Steps of each trace the quick run keeps (one steady-state fault still fits).
+QUICK_STEPS = 300
+
+
 def load_traces(path: Path, quick: bool) -> tuple[dict, dict]:
+    """The traces and their meta; ``quick``: one calibration and one held-out run, cut."""
     meta = json.loads(path.with_suffix(".json").read_text())
     with np.load(path.with_suffix(".npz")) as f:
         arrays = dict(f)
-    names = list(meta)[:2] if quick else list(meta)
+    names = list(meta)
+    if quick:
+        names = [
+            next(n for n in names if meta[n]["split"] == s) for s in ("calibration", "held-out")
+        ]
     traces = {}
     for name in names:
         t = {k: arrays[f"{name}/{k}"] for k in ("loss", "grad_norm")}
-        traces[name] = {k: v[:200] for k, v in t.items()} if quick else t
+        traces[name] = {k: v[:QUICK_STEPS] for k, v in t.items()} if quick else t
     return traces, {k: meta[k] for k in names}
+
+
+def check_split(meta: dict) -> None:
+    """Raises unless every run is in exactly one split, as ``record.CALIBRATION`` says."""
+    for name, m in meta.items():
+        want = "calibration" if name in CALIBRATION else "held-out"
+        if m.get("split") != want:
+            raise ValueError(f"{name}: split {m.get('split')!r} in traces.json, {want!r} expected")
 
 
 def score_all(chosen, traces: dict) -> dict:
@@ -61,15 +82,42 @@ def score_all(chosen, traces: dict) -> dict:
     return out
 
 
-def calibrate(traces: dict) -> list[dict]:
-    """The recipe on every trace for each point of :data:`GRID` (one compilation in all)."""
+#: The recipe's defaults among :data:`GRID`'s knobs.
+DEFAULTS = {"clip_z": 6.0, "clip_ratio": 4.0, "clip_max_ratio": 10.0, "clip_alpha": 0.95}
+
+PICK_RULE = (
+    "on the calibration runs, the highest recall of >= 100x, NaN and Inf (steady state and "
+    "warm-up together), then the fewest interventions after warm-up on the worst run "
+    "(to 0.1 %), then the highest steady-state recall of 10x spikes, then the fewest steps "
+    "to adapt to a lasting 10x rise"
+)
+
+
+def _pick_key(row: dict, meta: dict) -> tuple:
+    s = report.summary(row["per_trace"], meta, "calibration")
+    big = (s["recall_big"] + s["warmup_recall_big"]) / 2
+    return (-round(big, 4), round(s["steady_max"], 3), -s["recall"]["spike 10x"], s["adapt_max"])
+
+
+def pick(rows: list[dict], meta: dict) -> int:
+    """The index of the grid row :data:`PICK_RULE` chooses, from calibration scores only
+    (the first in grid order among equals)."""
+    return min(range(len(rows)), key=lambda i: _pick_key(rows[i], meta))
+
+
+def calibrate(traces: dict, meta: dict) -> dict:
+    """The recipe on every trace for each point of :data:`GRID` (one compilation per trace
+    length), the point :func:`pick` chooses from the calibration runs, and every point
+    that scores the same there."""
     d = defenses.by_name("adaptx.robust_adamw")
     rows = []
     for values in itertools.product(*GRID.values()):
         hp = dict(zip(GRID, values, strict=True))
         per = {n: replay_lib.score(d, t, seed=i, hp=hp) for i, (n, t) in enumerate(traces.items())}
         rows.append({"hp": hp, "per_trace": per})
-    return rows
+    best = pick(rows, meta)
+    ties = [i for i, r in enumerate(rows) if _pick_key(r, meta) == _pick_key(rows[best], meta)]
+    return {"rows": rows, "pick": best, "ties": ties, "rule": PICK_RULE, "defaults": DEFAULTS}
 
 
 def step_cost(chosen, quick: bool) -> dict:
@@ -78,8 +126,7 @@ def step_cost(chosen, quick: bool) -> dict:
     variants[clipped] = probes.unguarded_chain
     variants[plain] = lambda: probes.unguarded_chain(update_rms_clip=None)
     for d in chosen:
-        if d.recipe is not None:
-            variants[d.name] = d.recipe
+        variants[d.name] = d.timed
     # Each recipe over the same chain without its detector and guard.
     pairs = {
         f"{d.name} over {plain if 'update_rms_clip=None' in d.name else clipped}": (
@@ -87,7 +134,7 @@ def step_cost(chosen, quick: bool) -> dict:
             plain if "update_rms_clip=None" in d.name else clipped,
         )
         for d in chosen
-        if d.recipe is not None and d.name.startswith("adaptx.robust_adamw")
+        if d.name.startswith("adaptx.robust_adamw")
     }
     kw = dict(rounds=3, reps=2, shapes=cost.tree_shapes(64, 1, 512)) if quick else {}
     return cost.paired_ratios(variants, baseline="adaptx.adamw", pairs=pairs, **kw)
@@ -104,12 +151,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     traces, meta = load_traces(Path(args.traces), args.quick)
+    check_split(meta)
     names = args.defenses.split(",") if args.defenses else [d.name for d in defenses.DEFENSES]
     chosen = [defenses.by_name(n) for n in names]
     print(f"{len(traces)} traces, {len(chosen)} defenses", flush=True)
     results = {
         "meta": {
             "quick": args.quick,
+            "command": " ".join(
+                ["python -m bench.stability", *(sys.argv[1:] if argv is None else argv)]
+            ),
+            "date": datetime.date.today().isoformat(),
             "jax": jax.__version__,
             "optax": optax.__version__,
             "device": str(jax.devices()[0]),
@@ -119,7 +171,7 @@ def main(argv=None) -> dict:
         "scores": score_all(chosen, traces),
     }
     if not (args.quick or args.no_grid):
-        results["grid"] = calibrate(traces)
+        results["grid"] = calibrate(traces, meta)
     if not args.no_cost:
         results["cost"] = step_cost(chosen, args.quick)
     out = Path(args.out)
