@@ -1,0 +1,90 @@
+"""Writes the sweep's figures as Markdown tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _g(x: float) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}"
+
+
+def _spread(s: dict, digits=_g) -> str:
+    return f"{digits(s['median'])} ({digits(s['min'])}-{digits(s['max'])})"
+
+
+def _int(x: float) -> str:
+    return f"{x:.0f}"
+
+
+def workload_table(per_opt: dict) -> list[str]:
+    lines = [
+        "| optimizer | spike episodes | failed | late loss | final loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in per_opt.items():
+        lines.append(
+            f"| `{name}` | {_spread(s['episodes'], _int)} | {s['fail_rate']:.0%} "
+            f"| {_spread(s['late'])} | {_spread(s['final'])} |"
+        )
+    return lines
+
+
+def goal_table(goals: dict) -> list[str]:
+    lines = [
+        "| candidate | workload | episodes (vs ref) | failed (vs ref) | late / best optax (which) "
+        "| success (vs best clip) | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cand, per_w in goals.items():
+        for w, g in per_w.items():
+            if g is None:
+                continue
+            ep = g.get("episodes", (None, None))
+            fl = g.get("failures", (None, None))
+            best = g.get("best_baseline", ("-", None))
+            ratio = g["late"] / best[1] if best[1] and math.isfinite(g["late"]) else math.inf
+            succ = g.get("success")
+            succ_s = f"{succ[0]:.0%} (vs {succ[1]:.0%})" if succ else "-"
+            lines.append(
+                f"| `{cand}` | {w} | {_g(ep[0])} (vs {_g(ep[1])}) | {_g(fl[0])} (vs {_g(fl[1])}) "
+                f"| {_g(ratio)}x (`{best[0]}`) | {succ_s} | {'yes' if g['met'] else 'no'} |"
+            )
+    return lines
+
+
+def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> None:
+    """``out.md`` and ``out.json``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": results, "goal": goals}, indent=1, default=str)
+    )
+    lines = [
+        "# Natural instabilities: no fault injected",
+        "",
+        f"Recorded {meta['date']} (jax {meta['jax']}, optax {meta['optax']}, "
+        f"{meta['seeds']} seeds per cell, {meta['backend']}).",
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
+        "",
+        "Each cell: median over seeds (min-max). *Spike episodes*: separate runs of steps whose "
+        "loss is non-finite or above 10x its minimum over the previous 200 steps. *Late loss*: "
+        "median over the last 20 % of the steps (non-finite counts as inf). *Failed*: the share "
+        "of seeds whose late loss is above the workload's failure level (stated per table).",
+        "",
+    ]
+    for family, per_w in results.items():
+        lines += [f"## {family}", "", notes.get(family, ""), ""]
+        for w, cell in per_w.items():
+            fail = cell["fail_above"]
+            lines += [f"### {w}", "", f"{cell['steps']} steps; fails above {_g(fail)}.", ""]
+            lines += workload_table(cell["optimizers"]) + [""]
+    lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]
+    lines += goal_table(goals) + [""]
+    out.with_suffix(".md").write_text("\n".join(lines))
