@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import optax
 
 import adaptx
+from bench.stability.natural import mechanisms
 
 CLIP_GRID = (0.1, 0.3, 1.0, 3.0)
 
@@ -109,6 +111,32 @@ def loss_scale_entries() -> list[Entry]:
 QUICK = ("optax clip 1 + adamw", "adaptx.robust_adamw", "optax clip 1 + sgd")
 
 
-def new_entries() -> list[Entry]:
-    """Mechanisms under test (none yet)."""
-    return []
+def mechanism_entries() -> list[Entry]:
+    """Mechanisms under test (:mod:`bench.stability.natural.mechanisms`) and configurations."""
+    f32 = jnp.float32
+    return [
+        Entry("optax amsgrad", "adam", "mechanism", lambda lr: optax.amsgrad(lr)),
+        Entry("catch-up c=1", "adam", "mechanism", lambda lr: mechanisms.catchup_adamw(lr, 1.0)),
+        Entry(
+            "lag back-off d=1.2", "adam", "mechanism", lambda lr: mechanisms.lag_backoff_adamw(lr)
+        ),
+        Entry(
+            "robust_adamw(update_rms_clip=None)",
+            "adam",
+            "mechanism",
+            lambda lr: adaptx.robust_adamw(lr, update_rms_clip=None),
+        ),
+        Entry(
+            "robust parts, float32 moments",
+            "adam",
+            "mechanism",
+            lambda lr: adaptx.guard(
+                adaptx.chain(
+                    adaptx.clip_spikes(initial_max_norm=1.0),
+                    adaptx.scale_by_adam(mu_dtype=f32, nu_dtype=f32, update_rms_clip=5.0),
+                    optax.add_decayed_weights(1e-4),
+                    adaptx.scale_by_learning_rate(lr),
+                )
+            ),
+        ),
+    ]

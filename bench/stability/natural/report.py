@@ -59,6 +59,30 @@ def goal_table(goals: dict) -> list[str]:
     return lines
 
 
+def goal_matrix(goals: dict) -> list[str]:
+    """One row per candidate, one column per workload: ``yes`` or the conditions it misses."""
+    workloads = list(next(iter(goals.values()), {}))
+    lines = [
+        "| candidate | " + " | ".join(workloads) + " | met on |",
+        "| --- |" + " --- |" * (len(workloads) + 1),
+    ]
+    for cand, per_w in goals.items():
+        cells, met = [], 0
+        for w in workloads:
+            g = per_w.get(w)
+            if g is None:
+                cells.append("-")
+                continue
+            missed = [
+                k[0].upper() for k in ("spikes_ok", "late_ok", "success_ok") if g.get(k) is False
+            ]
+            met += g["met"]
+            cells.append("yes" if g["met"] else "no: " + "".join(missed))
+        ran = sum(per_w.get(w) is not None for w in workloads)
+        lines.append(f"| `{cand}` | " + " | ".join(cells) + f" | {met}/{ran} |")
+    return lines
+
+
 def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> None:
     """``out.md`` and ``out.json``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,5 +110,11 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
             lines += [f"### {w}", "", f"{cell['steps']} steps; fails above {_g(fail)}.", ""]
             lines += workload_table(cell["optimizers"]) + [""]
     lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]
+    lines += [
+        "S: more than 0.25x the reference's spike episodes or failures; L: late loss above "
+        "1.1x the best optax baseline's; R: success rate below the best fixed clip's.",
+        "",
+    ]
+    lines += goal_matrix(goals) + ["", "The figures behind each cell:", ""]
     lines += goal_table(goals) + [""]
     out.with_suffix(".md").write_text("\n".join(lines))

@@ -66,13 +66,20 @@ RNN_ADAM = {
     "adaptx.spam",
     "adaptx.adam_atan2",
 }
-CANDIDATES = ("adaptx.robust_adamw",)
+CANDIDATES = (
+    "adaptx.robust_adamw",
+    "adaptx.clip_spikes + adamw",
+    "robust_adamw(update_rms_clip=None)",
+    "lag back-off d=1.2",
+    "catch-up c=1",
+    "optax amsgrad",
+)
 
 
 def entries_for(w: runner.Workload, quick: bool, only: set[str] | None) -> list[opt.Entry]:
-    out = opt.adam_entries() + opt.new_entries()
+    out = opt.adam_entries() + opt.mechanism_entries()
     if w.family.startswith("rnn"):
-        out = [e for e in out if e.name in RNN_ADAM or e.kind == "new"] + opt.sgd_entries()
+        out = [e for e in out if e.name in RNN_ADAM or e.kind == "mechanism"] + opt.sgd_entries()
     if w.family == "fp16":
         out += opt.loss_scale_entries()
     if quick:
@@ -99,6 +106,18 @@ def run_workload(w: runner.Workload, entries: list[opt.Entry], seeds: int, log) 
     return {"steps": w.steps, "fail_above": w.fail_above, "optimizers": per_opt, "kinds": kinds}
 
 
+def _merge(results: dict, new: dict) -> None:
+    """Adds ``new``'s cells to ``results``; the rows of a cell already there are updated."""
+    for family, per_w in new.items():
+        for name, cell in per_w.items():
+            old = results.setdefault(family, {}).get(name)
+            if old is not None and old["steps"] == cell["steps"]:
+                old["optimizers"].update(cell["optimizers"])
+                old["kinds"].update(cell["kinds"])
+            else:
+                results[family][name] = cell
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.stability.natural", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny steps and seeds, one variant each")
@@ -110,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", default="bench/measured/natural", help="output path without suffix")
     p.add_argument("--merge", action="store_true", help="keep the other families already in --out")
+    p.add_argument("--include", default=None, help="a results .json of another run to merge in")
     args = p.parse_args(argv)
     seeds = args.seeds or (2 if args.quick else 3)
     only = set(args.only.split(",")) if args.only else None
@@ -120,16 +140,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
         results, commands = old["results"], old["meta"]["commands"]
-    for fam in args.families.split(","):
+    if args.include:
+        other = json.loads(Path(args.include).read_text())
+        _merge(results, other["results"])
+        commands += other["meta"]["commands"]
+    for fam in filter(None, args.families.split(",")):
         for w in FAMILIES[fam].variants(args.quick):
             log(f"{w.family} / {w.name}")
             cell = run_workload(w, entries_for(w, args.quick, only), seeds, log)
-            old_cell = results.setdefault(w.family, {}).get(w.name)
-            if old_cell is not None and old_cell["steps"] == cell["steps"]:
-                old_cell["optimizers"].update(cell["optimizers"])
-                old_cell["kinds"].update(cell["kinds"])
-            else:
-                results[w.family][w.name] = cell
+            _merge(results, {w.family: {w.name: cell}})
     goals = {
         c: {
             w: goal.check(c, cell["optimizers"], cell["kinds"])
