@@ -2,14 +2,19 @@
 
 For a candidate optimizer on a workload (figures from :func:`metrics.over_seeds`):
 
-* **spikes**: its spike episodes (summed over seeds) at most ``0.25x`` those of the
+* **episodes**: its spike episodes (summed over seeds) at most ``0.25x`` those of the
   reference, ``optax clip 1 + sgd`` where the workload has an SGD rate, else
-  ``optax clip 1 + adamw``; and its failures at most ``0.25x`` the reference's (so none
-  where the reference has none).
+  ``optax clip 1 + adamw``;
+* **failures**: its failure rate at most ``0.25x`` the reference's (so none where the
+  reference has none);
 * **late loss**: its median late loss at most ``1.1x`` the best median late loss of any
   optax baseline.
 * **success** (recurrent workloads): its success rate at least the best fixed clip's
   (``optax clip c + sgd`` over the grid).
+
+``met`` needs all that apply. The two first are checked apart: on a stochastic workload
+the episode count also counts minibatch noise, and a reader who takes the goal's
+"episodes or failures" as either one can read each.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def check(candidate: str, per_opt: dict, kinds: dict) -> dict | None:
         f_me, f_ref = me["fail_rate"], ref["fail_rate"]
         out["episodes"] = (e_me, e_ref)
         out["failures"] = (f_me, f_ref)
-        out["spikes_ok"] = e_me <= SPIKE_RATIO * e_ref and f_me <= SPIKE_RATIO * f_ref
+        out["episodes_ok"] = e_me <= SPIKE_RATIO * e_ref
+        out["failures_ok"] = f_me <= SPIKE_RATIO * f_ref
     baselines = {n: s["late"]["median"] for n, s in per_opt.items() if kinds.get(n) == "optax"}
     if baselines:
         best = min(baselines, key=baselines.get)

@@ -46,7 +46,7 @@ def goal_table(goals: dict) -> list[str]:
         for w, g in per_w.items():
             if g is None:
                 continue
-            ep = g.get("episodes", (None, None))
+            ep = g.get("episodes", (None, None))  # (candidate, reference)
             fl = g.get("failures", (None, None))
             best = g.get("best_baseline", ("-", None))
             ratio = g["late"] / best[1] if best[1] and math.isfinite(g["late"]) else math.inf
@@ -73,9 +73,8 @@ def goal_matrix(goals: dict) -> list[str]:
             if g is None:
                 cells.append("-")
                 continue
-            missed = [
-                k[0].upper() for k in ("spikes_ok", "late_ok", "success_ok") if g.get(k) is False
-            ]
+            keys = ("episodes_ok", "failures_ok", "late_ok", "success_ok")
+            missed = [k[0].upper() for k in keys if g.get(k) is False]
             met += g["met"]
             cells.append("yes" if g["met"] else "no: " + "".join(missed))
         ran = sum(per_w.get(w) is not None for w in workloads)
@@ -111,8 +110,9 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
             lines += workload_table(cell["optimizers"]) + [""]
     lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]
     lines += [
-        "S: more than 0.25x the reference's spike episodes or failures; L: late loss above "
-        "1.1x the best optax baseline's; R: success rate below the best fixed clip's.",
+        "E: more than 0.25x the reference's spike episodes; F: more than 0.25x its failure "
+        "rate; L: late loss above 1.1x the best optax baseline's; S: success rate below the "
+        "best fixed clip's.",
         "",
     ]
     lines += goal_matrix(goals) + ["", "The figures behind each cell:", ""]

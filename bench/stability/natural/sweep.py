@@ -82,8 +82,10 @@ def entries_for(w: runner.Workload, quick: bool, only: set[str] | None) -> list[
         out = [e for e in out if e.name in RNN_ADAM or e.kind == "mechanism"] + opt.sgd_entries()
     if w.family == "fp16":
         out += opt.loss_scale_entries()
-    if quick:
+    if quick:  # the candidate and the one reference its goal is checked against
         out = [e for e in out if e.name in opt.QUICK]
+        if w.sgd_learning_rate is not None:
+            out = [e for e in out if e.family == "sgd" or e.kind != "optax"]
     if only:
         out = [e for e in out if e.name in only]
     return out
