@@ -112,10 +112,20 @@ QUICK = ("optax clip 1 + adamw", "adaptx.robust_adamw", "optax clip 1 + sgd")
 
 
 def mechanism_entries() -> list[Entry]:
-    """Mechanisms under test (:mod:`bench.stability.natural.mechanisms`) and configurations."""
+    """Mechanisms under test: the prototypes of :mod:`bench.stability.natural.mechanisms`,
+    optax's AMSGrad (the second moment never decreases) and RAdam (Liu et al. 2020's
+    rectified early steps), a 100-step linear warm-up, and two configurations of adaptx's
+    parts (robust_adamw without update clipping; with float32 moments)."""
     f32 = jnp.float32
     return [
         Entry("optax amsgrad", "adam", "mechanism", lambda lr: optax.amsgrad(lr)),
+        Entry("optax radam", "adam", "mechanism", lambda lr: optax.radam(lr)),
+        Entry(
+            "optax adamw + warm-up 100",
+            "adam",
+            "mechanism",
+            lambda lr: optax.adamw(optax.linear_schedule(0.0, lr, 100)),
+        ),
         Entry("catch-up c=1", "adam", "mechanism", lambda lr: mechanisms.catchup_adamw(lr, 1.0)),
         Entry(
             "lag back-off d=1.2", "adam", "mechanism", lambda lr: mechanisms.lag_backoff_adamw(lr)
@@ -127,7 +137,7 @@ def mechanism_entries() -> list[Entry]:
             lambda lr: adaptx.robust_adamw(lr, update_rms_clip=None),
         ),
         Entry(
-            "robust parts, float32 moments",
+            "robust parts with float32 moments",
             "adam",
             "mechanism",
             lambda lr: adaptx.guard(

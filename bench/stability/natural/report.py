@@ -108,6 +108,7 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
             fail = cell["fail_above"]
             lines += [f"### {w}", "", f"{cell['steps']} steps; fails above {_g(fail)}.", ""]
             lines += workload_table(cell["optimizers"]) + [""]
+    lines += ["## Mechanisms under test", "", notes.get("mechanisms", ""), ""]
     lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]
     lines += [
         "E: more than 0.25x the reference's spike episodes; F: more than 0.25x its failure "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,17 @@ NOTES = {
         "state in float16), no loss scaling except where named. Fails: late loss above "
         "the unigram entropy or not finite."
     ),
+    "mechanisms": (
+        "Rows not in the goal's baselines (kind `mechanism`): `optax amsgrad` (the second "
+        "moment never decreases), `optax radam` (rectified early steps), `optax adamw + "
+        "warm-up 100` (linear warm-up over 100 steps), `catch-up c=1` (the second moment "
+        "rises at once to g^2, decays at b2), `lag back-off d=1.2` (the step factor is cut "
+        "to d/r, and never recovers, when the loss is above 2x its leaky minimum and "
+        "r = max over tensors of RMS(g/sqrt(v)) is above d), both prototypes in "
+        "`bench/stability/natural/mechanisms.py` with float32 moments; "
+        "`robust_adamw(update_rms_clip=None)`; `robust parts with float32 moments` (robust_adamw's "
+        "chain with `mu_dtype=nu_dtype=float32`)."
+    ),
     "goal": (
         "Reference for the spike condition: `optax clip 1 + sgd` on the recurrent "
         "workloads, `optax clip 1 + adamw` elsewhere; the late-loss condition compares "
@@ -68,11 +80,17 @@ RNN_ADAM = {
 }
 CANDIDATES = (
     "adaptx.robust_adamw",
+    "adaptx.stable_adamw",
+    "adaptx.spam",
+    "adaptx.adam_atan2",
     "adaptx.clip_spikes + adamw",
     "robust_adamw(update_rms_clip=None)",
     "lag back-off d=1.2",
     "catch-up c=1",
+    "robust parts with float32 moments",
     "optax amsgrad",
+    "optax radam",
+    "optax adamw + warm-up 100",
 )
 
 
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commands": [
             *commands,
-            "python -m bench.stability.natural " + " ".join(argv or sys.argv[1:]),
+            shlex.join(["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])]),
         ],
         "jax": jax.__version__,
         "optax": optax.__version__,
