@@ -22,8 +22,8 @@ updates returned in the gradient's dtype):
     \ell_t = \min(L_t, (1 + \kappa)\, \ell_{t-1})
 
   (:math:`\ell` a leaky minimum of the loss :math:`L`, passed as ``value=loss``). A run
-  that keeps crossing the edge of stability settles at the largest rate that stays
-  below it; a run that never does keeps its rate.
+  that keeps crossing the edge of stability is meant to settle at a rate below it; a run
+  whose loss never rises keeps its rate.
 
 References:
   Bai et al., `Adaptive Preconditioners Trigger Loss Spikes in Adam
