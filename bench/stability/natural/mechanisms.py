@@ -23,9 +23,13 @@ updates returned in the gradient's dtype):
 
   (:math:`\ell` a leaky minimum of the loss :math:`L`, passed as ``value=loss``). A run
   that keeps crossing the edge of stability is meant to settle at a rate below it; a run
-  whose loss never rises keeps its rate.
+  whose loss never rises keeps its rate. With ``rectify=True`` the step also carries
+  RAdam's rectification (Liu et al. 2020), the warm-up that the Post-LN workload needs.
 
 References:
+  Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
+  <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
+
   Bai et al., `Adaptive Preconditioners Trigger Loss Spikes in Adam
   <https://arxiv.org/abs/2506.04805>`_, 2025.
 """
@@ -47,8 +51,26 @@ class _Moments(NamedTuple):
     loss_min: jax.Array
 
 
-def _adam_with(lr, *, b1, b2, eps, weight_decay, nu_rule, step_rule):
-    """Adam (float32 moments, decoupled decay) with a second-moment rule and a step factor."""
+def _rectifier(b2, t):
+    r"""RAdam's factor and whether it applies at step ``t`` (Liu et al. 2020).
+
+    :math:`\rho_\infty = 2/(1-\beta_2) - 1`,
+    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`;
+    for :math:`\rho_t > 5` the step is multiplied by
+    :math:`\sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`,
+    before that it is the bias-corrected momentum alone.
+    """
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    tf = t.astype(jnp.float32)
+    rho = rho_inf - 2.0 * tf * b2**tf / (1.0 - b2**tf)
+    safe = jnp.maximum(rho, 5.0)
+    factor = jnp.sqrt((safe - 4) * (safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe))
+    return factor, rho > 5.0
+
+
+def _adam_with(lr, *, b1, b2, eps, weight_decay, nu_rule, step_rule, rectify=False):
+    """Adam (float32 moments, decoupled decay) with a second-moment rule and a step factor;
+    ``rectify`` adds RAdam's rectification."""
 
     def init_fn(params):
         z = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -63,6 +85,9 @@ def _adam_with(lr, *, b1, b2, eps, weight_decay, nu_rule, step_rule):
         nu = jax.tree.map(lambda v, g: nu_rule(v, g, bc2), state.nu, g32)
         scale, loss_min = step_rule(g32, nu, bc2, state, value)
         step = jax.tree.map(lambda m, v: (m / bc1) / (jnp.sqrt(v / bc2) + eps), mu, nu)
+        if rectify:
+            factor, on = _rectifier(b2, t)
+            step = jax.tree.map(lambda u, m: jnp.where(on, factor * u, m / bc1), step, mu)
         updates = jax.tree.map(
             lambda u, p, g: (-lr * (scale * u + weight_decay * p.astype(jnp.float32))).astype(
                 g.dtype
@@ -96,7 +121,16 @@ def catchup_adamw(lr, c=1.0, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4):
 
 
 def lag_backoff_adamw(
-    lr, d=1.2, gate=2.0, kappa=0.01, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4
+    lr,
+    d=1.2,
+    gate=2.0,
+    kappa=0.01,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=1e-4,
+    rectify=False,
 ):
     """Adam with a step factor that backs off on a rising loss with a lagging moment."""
 
@@ -114,5 +148,12 @@ def lag_backoff_adamw(
         return scale, loss_min
 
     return _adam_with(
-        lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, nu_rule=_ema(b2), step_rule=step_rule
+        lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        nu_rule=_ema(b2),
+        step_rule=step_rule,
+        rectify=rectify,
     )

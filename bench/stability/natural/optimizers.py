@@ -131,6 +131,12 @@ def mechanism_entries() -> list[Entry]:
             "lag back-off d=1.2", "adam", "mechanism", lambda lr: mechanisms.lag_backoff_adamw(lr)
         ),
         Entry(
+            "lag back-off d=1.2 + RAdam",
+            "adam",
+            "mechanism",
+            lambda lr: mechanisms.lag_backoff_adamw(lr, rectify=True),
+        ),
+        Entry(
             "robust_adamw(update_rms_clip=None)",
             "adam",
             "mechanism",

@@ -58,7 +58,8 @@ NOTES = {
         "warm-up 100` (linear warm-up over 100 steps), `catch-up c=1` (the second moment "
         "rises at once to g^2, decays at b2), `lag back-off d=1.2` (the step factor is cut "
         "to d/r, and never recovers, when the loss is above 2x its leaky minimum and "
-        "r = max over tensors of RMS(g/sqrt(v)) is above d), both prototypes in "
+        "r = max over tensors of RMS(g/sqrt(v)) is above d; `+ RAdam`: with RAdam's "
+        "rectified early steps), both prototypes in "
         "`bench/stability/natural/mechanisms.py` with float32 moments; "
         "`robust_adamw(update_rms_clip=None)`; `robust parts with float32 moments` (robust_adamw's "
         "chain with `mu_dtype=nu_dtype=float32`)."
@@ -86,6 +87,7 @@ CANDIDATES = (
     "adaptx.clip_spikes + adamw",
     "robust_adamw(update_rms_clip=None)",
     "lag back-off d=1.2",
+    "lag back-off d=1.2 + RAdam",
     "catch-up c=1",
     "robust parts with float32 moments",
     "optax amsgrad",
