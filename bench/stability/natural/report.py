@@ -106,7 +106,8 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
         lines += [f"## {family}", "", notes.get(family, ""), ""]
         for w, cell in per_w.items():
             fail = cell["fail_above"]
-            lines += [f"### {w}", "", f"{cell['steps']} steps; fails above {_g(fail)}.", ""]
+            level = "no failure level" if fail is None else f"fails above {_g(fail)}"
+            lines += [f"### {w}", "", f"{cell['steps']} steps; {level}.", ""]
             lines += workload_table(cell["optimizers"]) + [""]
     lines += ["## Mechanisms under test", "", notes.get("mechanisms", ""), ""]
     lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]
