@@ -1,0 +1,59 @@
+"""The goal, checked per workload: is one recipe with fixed defaults better everywhere?
+
+For a candidate optimizer on a workload (figures from :func:`metrics.over_seeds`):
+
+* **episodes**: its spike episodes (summed over seeds) at most ``0.25x`` those of the
+  reference, ``optax clip 1 + sgd`` where the workload has an SGD rate, else
+  ``optax clip 1 + adamw``;
+* **failures**: its failure rate at most ``0.25x`` the reference's (so none where the
+  reference has none);
+* **late loss**: its median late loss at most ``1.1x`` the best median late loss of any
+  optax baseline.
+* **success** (recurrent workloads): its success rate at least the best fixed clip's
+  (``optax clip c + sgd`` over the grid).
+
+``met`` needs all that apply. The two first are checked apart: on a stochastic workload
+the episode count also counts minibatch noise, and a reader who takes the goal's
+"episodes or failures" as either one can read each.
+"""
+
+from __future__ import annotations
+
+from bench.stability.natural.optimizers import CLIP_GRID
+
+SPIKE_RATIO = 0.25
+LATE_RATIO = 1.1
+
+
+def reference_name(per_opt: dict) -> str:
+    return "optax clip 1 + sgd" if "optax clip 1 + sgd" in per_opt else "optax clip 1 + adamw"
+
+
+def check(candidate: str, per_opt: dict, kinds: dict) -> dict | None:
+    """The three conditions for ``candidate`` on one workload; ``None`` if it was not run."""
+    if candidate not in per_opt:
+        return None
+    ref = per_opt.get(reference_name(per_opt))
+    me = per_opt[candidate]
+    out: dict = {"reference": reference_name(per_opt)}
+    if ref is not None:
+        e_me, e_ref = me["episodes"]["total"], ref["episodes"]["total"]
+        f_me, f_ref = me["fail_rate"], ref["fail_rate"]
+        out["episodes"] = (e_me, e_ref)
+        out["failures"] = (f_me, f_ref)
+        out["episodes_ok"] = e_me <= SPIKE_RATIO * e_ref
+        out["failures_ok"] = f_me <= SPIKE_RATIO * f_ref
+    baselines = {n: s["late"]["median"] for n, s in per_opt.items() if kinds.get(n) == "optax"}
+    if baselines:
+        best = min(baselines, key=baselines.get)
+        out["best_baseline"] = (best, baselines[best])
+        out["late"] = me["late"]["median"]
+        out["late_ok"] = me["late"]["median"] <= LATE_RATIO * baselines[best]
+    clips = [f"optax clip {c:g} + sgd" for c in CLIP_GRID]
+    clips = [c for c in clips if c in per_opt]
+    if clips:
+        best_success = max(1.0 - per_opt[c]["fail_rate"] for c in clips)
+        out["success"] = (1.0 - me["fail_rate"], best_success)
+        out["success_ok"] = 1.0 - me["fail_rate"] >= best_success
+    out["met"] = all(v for k, v in out.items() if k.endswith("_ok"))
+    return out

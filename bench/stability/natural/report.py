@@ -1,0 +1,122 @@
+"""Writes the sweep's figures as Markdown tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _g(x: float) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}"
+
+
+def _spread(s: dict, digits=_g) -> str:
+    return f"{digits(s['median'])} ({digits(s['min'])}-{digits(s['max'])})"
+
+
+def _int(x: float) -> str:
+    return f"{x:.0f}"
+
+
+def workload_table(per_opt: dict) -> list[str]:
+    lines = [
+        "| optimizer | spike episodes | failed | late loss | final loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in per_opt.items():
+        lines.append(
+            f"| `{name}` | {_spread(s['episodes'], _int)} | {s['fail_rate']:.0%} "
+            f"| {_spread(s['late'])} | {_spread(s['final'])} |"
+        )
+    return lines
+
+
+def goal_table(goals: dict) -> list[str]:
+    lines = [
+        "| candidate | workload | episodes (vs ref) | failed (vs ref) | late / best optax (which) "
+        "| success (vs best clip) | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cand, per_w in goals.items():
+        for w, g in per_w.items():
+            if g is None:
+                continue
+            ep = g.get("episodes", (None, None))  # (candidate, reference)
+            fl = g.get("failures", (None, None))
+            best = g.get("best_baseline", ("-", None))
+            ratio = g["late"] / best[1] if best[1] and math.isfinite(g["late"]) else math.inf
+            succ = g.get("success")
+            succ_s = f"{succ[0]:.0%} (vs {succ[1]:.0%})" if succ else "-"
+            lines.append(
+                f"| `{cand}` | {w} | {_g(ep[0])} (vs {_g(ep[1])}) | {_g(fl[0])} (vs {_g(fl[1])}) "
+                f"| {_g(ratio)}x (`{best[0]}`) | {succ_s} | {'yes' if g['met'] else 'no'} |"
+            )
+    return lines
+
+
+def goal_matrix(goals: dict) -> list[str]:
+    """One row per candidate, one column per workload: ``yes`` or the conditions it misses."""
+    workloads = list(next(iter(goals.values()), {}))
+    lines = [
+        "| candidate | " + " | ".join(workloads) + " | met on |",
+        "| --- |" + " --- |" * (len(workloads) + 1),
+    ]
+    for cand, per_w in goals.items():
+        cells, met = [], 0
+        for w in workloads:
+            g = per_w.get(w)
+            if g is None:
+                cells.append("-")
+                continue
+            keys = ("episodes_ok", "failures_ok", "late_ok", "success_ok")
+            missed = [k[0].upper() for k in keys if g.get(k) is False]
+            met += g["met"]
+            cells.append("yes" if g["met"] else "no: " + "".join(missed))
+        ran = sum(per_w.get(w) is not None for w in workloads)
+        lines.append(f"| `{cand}` | " + " | ".join(cells) + f" | {met}/{ran} |")
+    return lines
+
+
+def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> None:
+    """``out.md`` and ``out.json``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": results, "goal": goals}, indent=1, default=str)
+    )
+    lines = [
+        "# Natural instabilities: no fault injected",
+        "",
+        f"Recorded {meta['date']} (jax {meta['jax']}, optax {meta['optax']}, "
+        f"{meta['seeds']} seeds per cell, {meta['backend']}).",
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
+        "",
+        "Each cell: median over seeds (min-max). *Spike episodes*: separate runs of steps whose "
+        "loss is non-finite or above 10x its minimum over the previous 200 steps. *Late loss*: "
+        "median over the last 20 % of the steps (non-finite counts as inf). *Failed*: the share "
+        "of seeds whose late loss is above the workload's failure level (stated per table).",
+        "",
+    ]
+    for family, per_w in results.items():
+        lines += [f"## {family}", "", notes.get(family, ""), ""]
+        for w, cell in per_w.items():
+            fail = cell["fail_above"]
+            level = "no failure level" if fail is None else f"fails above {_g(fail)}"
+            lines += [f"### {w}", "", f"{cell['steps']} steps; {level}.", ""]
+            lines += workload_table(cell["optimizers"]) + [""]
+    lines += ["## Mechanisms under test", "", notes.get("mechanisms", ""), ""]
+    lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]
+    lines += [
+        "E: more than 0.25x the reference's spike episodes; F: more than 0.25x its failure "
+        "rate; L: late loss above 1.1x the best optax baseline's; S: success rate below the "
+        "best fixed clip's.",
+        "",
+    ]
+    lines += goal_matrix(goals) + ["", "The figures behind each cell:", ""]
+    lines += goal_table(goals) + [""]
+    out.with_suffix(".md").write_text("\n".join(lines))

@@ -1,0 +1,82 @@
+"""Runs one optimizer on one workload for several seeds in a single compiled program.
+
+A workload gives ``init(key) -> params`` and ``loss(params, key) -> scalar`` (the key
+draws the step's minibatch; a full-batch workload ignores it). The steps run under
+``jax.lax.scan`` and the seeds under ``jax.vmap``, so one (workload, optimizer) pair
+compiles once. The loss recorded at step ``t`` is the loss of the parameters *before*
+step ``t``'s update, the loss the gradient was taken of. Every optimizer is given the
+loss as ``value=loss`` (adaptx's guard reads it; optax's transforms ignore it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adaptx
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One training problem: its parameters, its loss and what counts as a failure.
+
+    Attributes:
+      name: the row label, e.g. ``"mlp w64 d2 fast lr3e-3"``.
+      family: the table it belongs to, e.g. ``"adam_spikes"``.
+      init: ``key -> params``.
+      loss: ``(params, key) -> scalar loss`` (float32 or float16).
+      steps: training steps.
+      learning_rate: the rate of the Adam-family optimizers.
+      sgd_learning_rate: the rate of the SGD-family optimizers (``None``: not run).
+      fail_above: a run fails when its late loss is above this (``None``: never).
+    """
+
+    name: str
+    family: str
+    init: Callable[[jax.Array], Any]
+    loss: Callable[[Any, jax.Array], jax.Array]
+    steps: int
+    learning_rate: float
+    sgd_learning_rate: float | None = None
+    fail_above: float | None = None
+
+
+def _grad(loss_fn, params, key, scale):
+    def scaled(p):
+        value = loss_fn(p, key)
+        return (value * scale.astype(value.dtype)).astype(value.dtype), value
+
+    (_, value), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+    return value, grads
+
+
+def train(
+    workload: Workload, tx: optax.GradientTransformation, seeds: int, *, loss_scaled: bool = False
+) -> np.ndarray:
+    """Loss per step, shape ``[seeds, steps]`` float32; ``loss_scaled`` multiplies the loss
+    by :func:`adaptx.loss_scale` of the state before differentiating."""
+    tx = optax.with_extra_args_support(tx)
+
+    def one(seed):
+        k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
+        params = workload.init(k_init)
+        state = tx.init(params)
+
+        def body(carry, t):
+            params, state = carry
+            scale = adaptx.loss_scale(state) if loss_scaled else jnp.ones([], jnp.float32)
+            value, grads = _grad(workload.loss, params, jax.random.fold_in(k_data, t), scale)
+            updates, state = tx.update(grads, state, params, value=value)
+            params = optax.apply_updates(params, updates)
+            return (params, state), value.astype(jnp.float32)
+
+        _, losses = jax.lax.scan(body, (params, state), jnp.arange(workload.steps))
+        return losses
+
+    return np.asarray(jax.jit(jax.vmap(one))(jnp.arange(seeds)))

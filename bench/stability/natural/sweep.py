@@ -1,0 +1,195 @@
+"""``python -m bench.stability.natural``: every workload, every optimizer, no injected fault.
+
+Writes ``bench/measured/natural.md`` and ``.json``. ``--quick`` runs one small variant of
+each workload family with a handful of optimizers (the test's configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import optax
+
+from bench.stability.natural import adam_spikes, fp16, goal, metrics, post_ln, report, rnn, runner
+from bench.stability.natural import optimizers as opt
+
+FAMILIES = {
+    "adam_spikes": adam_spikes,
+    "rnn": rnn,
+    "post_ln": post_ln,
+    "fp16": fp16,
+}
+NOTES = {
+    "adam_spikes": (
+        "Full-batch tanh MLP regression, constant rate, Adam family at the stated rate "
+        "(`bench/stability/natural/adam_spikes.py`). Never fails by definition: read the "
+        "late loss."
+    ),
+    "rnn_addition": (
+        "Plain tanh RNN on the adding problem (recurrent radius 1.2, hidden 32, batch 20); "
+        "SGD family at rate 0.05, Adam family at 1e-3. Fails: late MSE above 0.04 "
+        "(chance is 1/6)."
+    ),
+    "rnn_char": (
+        "Character RNN LM on the reviews text (recurrent radius 1.5, hidden 64, 32 "
+        "characters, batch 16); SGD family at 1.0, Adam family at 3e-3. Fails: late loss "
+        "above the unigram entropy."
+    ),
+    "post_ln": (
+        "Post-LN character transformer LM on the reviews text (6 layers, width 32, 32 "
+        "characters, batch 8), Adam family from step 0 at a constant rate (no warm-up). "
+        "Fails: late loss above the unigram entropy."
+    ),
+    "fp16": (
+        "float16 character MLP LM (params, activations, loss, gradients and optimizer "
+        "state in float16), no loss scaling except where named. Fails: late loss above "
+        "the unigram entropy or not finite."
+    ),
+    "mechanisms": (
+        "Rows not in the goal's baselines (kind `mechanism`): `optax amsgrad` (the second "
+        "moment never decreases), `optax radam` (rectified early steps), `optax adamw + "
+        "warm-up 100` (linear warm-up over 100 steps), `catch-up c=1` (the second moment "
+        "rises at once to g^2, decays at b2), `lag back-off d=1.2` (the step factor is cut "
+        "to d/r, and never recovers, when the loss is above 2x its leaky minimum and "
+        "r = max over tensors of RMS(g/sqrt(v)) is above d; `+ RAdam`: with RAdam's "
+        "rectified early steps), both prototypes in "
+        "`bench/stability/natural/mechanisms.py` with float32 moments; "
+        "`robust_adamw(update_rms_clip=None)`; `robust parts with float32 moments` (robust_adamw's "
+        "chain with `mu_dtype=nu_dtype=float32`)."
+    ),
+    "goal": (
+        "Reference for the spike condition: `optax clip 1 + sgd` on the recurrent "
+        "workloads, `optax clip 1 + adamw` elsewhere; the late-loss condition compares "
+        "with the best optax baseline (any of them, chosen per workload); success "
+        "compares with the best of the clip grid on SGD."
+    ),
+}
+RNN_ADAM = {
+    "optax adamw",
+    "optax clip 1 + adamw",
+    "adaptx.robust_adamw",
+    "adaptx.stable_adamw",
+    "adaptx.spam",
+    "adaptx.adam_atan2",
+}
+CANDIDATES = (
+    "adaptx.robust_adamw",
+    "adaptx.stable_adamw",
+    "adaptx.spam",
+    "adaptx.adam_atan2",
+    "adaptx.clip_spikes + adamw",
+    "robust_adamw(update_rms_clip=None)",
+    "lag back-off d=1.2",
+    "lag back-off d=1.2 + RAdam",
+    "catch-up c=1",
+    "robust parts with float32 moments",
+    "optax amsgrad",
+    "optax radam",
+    "optax adamw + warm-up 100",
+)
+
+
+def entries_for(w: runner.Workload, quick: bool, only: set[str] | None) -> list[opt.Entry]:
+    out = opt.adam_entries() + opt.mechanism_entries()
+    if w.family.startswith("rnn"):
+        out = [e for e in out if e.name in RNN_ADAM or e.kind == "mechanism"] + opt.sgd_entries()
+    if w.family == "fp16":
+        out += opt.loss_scale_entries()
+    if quick:  # the candidate and the one reference its goal is checked against
+        out = [e for e in out if e.name in opt.QUICK]
+        if w.sgd_learning_rate is not None:
+            out = [e for e in out if e.family == "sgd" or e.kind != "optax"]
+    if only:
+        out = [e for e in out if e.name in only]
+    return out
+
+
+def run_workload(w: runner.Workload, entries: list[opt.Entry], seeds: int, log) -> dict:
+    per_opt, kinds = {}, {}
+    for e in entries:
+        lr = w.sgd_learning_rate if e.family == "sgd" else w.learning_rate
+        t0 = time.perf_counter()
+        losses = runner.train(w, e.make(lr), seeds, loss_scaled=e.loss_scaled)
+        runs = [metrics.run_figures(row, w.fail_above) for row in losses]
+        per_opt[e.name] = metrics.over_seeds(runs) | {"per_seed": runs}
+        kinds[e.name] = e.kind
+        s = per_opt[e.name]
+        log(
+            f"  {e.name:40s} episodes {s['episodes']['median']:5.0f} fail {s['fail_rate']:.2f} "
+            f"late {s['late']['median']:.3g} ({time.perf_counter() - t0:.0f}s)"
+        )
+    return {"steps": w.steps, "fail_above": w.fail_above, "optimizers": per_opt, "kinds": kinds}
+
+
+def _merge(results: dict, new: dict) -> None:
+    """Adds ``new``'s cells to ``results``; the rows of a cell already there are updated."""
+    for family, per_w in new.items():
+        for name, cell in per_w.items():
+            old = results.setdefault(family, {}).get(name)
+            if old is not None and old["steps"] == cell["steps"]:
+                old["optimizers"].update(cell["optimizers"])
+                old["kinds"].update(cell["kinds"])
+            else:
+                results[family][name] = cell
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.stability.natural", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny steps and seeds, one variant each")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families")
+    p.add_argument("--only", default=None, help="comma-separated optimizer names to run")
+    p.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help="recipes checked against the goal"
+    )
+    p.add_argument("--out", default="bench/measured/natural", help="output path without suffix")
+    p.add_argument("--merge", action="store_true", help="keep the other families already in --out")
+    p.add_argument("--include", default=None, help="a results .json of another run to merge in")
+    args = p.parse_args(argv)
+    seeds = args.seeds or (2 if args.quick else 3)
+    only = set(args.only.split(",")) if args.only else None
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    results: dict = {}
+    commands: list[str] = []
+    previous = Path(args.out).with_suffix(".json")
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        results, commands = old["results"], old["meta"]["commands"]
+    if args.include:
+        other = json.loads(Path(args.include).read_text())
+        _merge(results, other["results"])
+        commands += other["meta"]["commands"]
+    for fam in filter(None, args.families.split(",")):
+        for w in FAMILIES[fam].variants(args.quick):
+            log(f"{w.family} / {w.name}")
+            cell = run_workload(w, entries_for(w, args.quick, only), seeds, log)
+            _merge(results, {w.family: {w.name: cell}})
+    goals = {
+        c: {
+            w: goal.check(c, cell["optimizers"], cell["kinds"])
+            for per_w in results.values()
+            for w, cell in per_w.items()
+        }
+        for c in args.candidates.split(",")
+    }
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commands": [
+            *commands,
+            shlex.join(["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])]),
+        ],
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "seeds": seeds,
+        "quick": args.quick,
+    }
+    report.write(Path(args.out), meta, results, goals, NOTES)
+    return {"meta": meta, "results": results, "goal": goals}
