@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptx import _gather
 from adaptx._core import validate
 from adaptx.report._keys import split_key
 from adaptx.report._read import METRICS
@@ -124,9 +125,13 @@ def _run_file(path: str | os.PathLike) -> Path:
 class MetricsWriter:
     """Writes per-step figures to a ``metrics.jsonl``, with one host transfer every few steps.
 
-    ``write(step, figures)`` keeps the figures as they are (device arrays, nothing waits
-    for them) and every ``every_steps`` calls fetches the whole buffer with one
-    ``jax.device_get``, then appends one JSON line per step: ``{"step": step, **figures}``,
+    ``write(step, figures)`` keeps the figures on the device (nothing waits for them:
+    a step's device scalars are stacked into one vector per dtype by an asynchronous jitted
+    call) and every ``every_steps`` calls fetches the whole buffer with one
+    ``jax.device_get`` of one vector per dtype, so a flush is a few device-to-host copies
+    however many figures and steps it holds (one copy per scalar costs more than a GPU's
+    optimizer step: ``bench/writer_cost.py``). Then it appends one JSON line per step:
+    ``{"step": step, **figures}``,
     NaN and infinities written as the strings ``"nan"``, ``"inf"``, ``"-inf"``. That is the
     log the text classifier example writes and ``python -m adaptx.report RUN`` reads.
     ``flush()``, ``close()`` and leaving a ``with`` block (also on an exception) write what
@@ -205,7 +210,7 @@ class MetricsWriter:
         self.path = None if path is None else _run_file(path)
         self._file = None if self.path is None else open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._closed = False
-        self._pending: list[tuple[Any, tuple[str, ...], list[Any]]] = []
+        self._pending: list[tuple[tuple[str, ...], _gather.Row]] = []
 
     @property
     def closed(self) -> bool:
@@ -233,20 +238,19 @@ class MetricsWriter:
             )
         for key, value in figures.items():
             _check_figure(key, value)
-        self._pending.append((step, tuple(figures), list(figures.values())))
+        self._pending.append((tuple(figures), _gather.pack([step, *figures.values()])))
         if len(self._pending) >= self.every_steps:
             self.flush()
 
     def flush(self) -> None:
-        """Fetches the buffered steps with one ``jax.device_get`` and writes them."""
+        """Fetches the buffered steps with one ``jax.device_get`` and writes them (``_gather``)."""
         if self.closed:
             raise ValueError(f"{_FN}.flush: the writer is closed.")
         if not self._pending:
             return
-        # Lists, not dicts: jax.device_get would sort a dict's keys.
-        fetched = jax.device_get([[step, values] for step, _, values in self._pending])
+        fetched = _gather.fetch([row for _, row in self._pending])
         rows = []
-        for (_, names, _), (step, values) in zip(self._pending, fetched, strict=True):
+        for (names, _), (step, *values) in zip(self._pending, fetched, strict=True):
             row = {k: _host(v) for k, v in zip(names, values, strict=True)}
             if self.top_k is not None:
                 row = condense(row, self.top_k)

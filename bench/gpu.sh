@@ -7,6 +7,7 @@
 #
 #     bash bench/gpu.sh            # on the GPU machine, from the repository root
 #     QUICK=1 bash bench/gpu.sh    # tiny trees, to check the script itself on any machine
+#     ONLY=writer,packed bash bench/gpu.sh   # only the parts named
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -21,6 +22,7 @@ q=${QUICK:+--quick}
 part() {  # part NAME SECONDS COMMAND...: run one part, log it, pack what exists so far
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && ",$ONLY," != *",$name,"* ]]; then return; fi
     echo "=== $name (limit ${limit}s) $(date -u +%FT%TZ)" | tee -a "$work/log.txt"
     timeout "$limit" "$@" 2>&1 | tee -a "$work/log.txt"
     echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$work/log.txt"
@@ -31,11 +33,13 @@ part versions 30 bash -c "nvidia-smi -L; $py -c 'import jax, jaxlib, optax, flax
 print(sys.version); print(jax.devices())
 for m in (jax, jaxlib, optax, flax, numpy): print(m.__name__, m.__version__)
 import torch; print(\"torch\", torch.__version__, torch.cuda.is_available())'; git log -1 --format=%H 2>/dev/null || true"
-part tests 100 "$py" -m pytest -q -x -n 6 -p no:cacheprovider tests/test_battery.py tests/test_matches_optax.py tests/test_optax_compat.py
+part tests 100 "$py" -m pytest -q -x -n 8 -p no:cacheprovider -p no:benchmark tests/test_battery.py tests/test_matches_optax.py tests/test_optax_compat.py
 part update_step 180 "$py" bench/update_step.py $q --trees single16,single64,transformer \
     --pipelines clip+adamw,robust_adamw --impls optax,adaptx,jax,torch --no-c --reps 30 \
     --out "$work/update_step"
+part packed 120 "$py" bench/update_step.py $q --trees transformer --pipelines clip+adamw \
+    --impls optax,adaptx,adaptx-packed,torch --no-c --reps 30 --out "$work/update_packed"
 part monitor 80 "$py" -m bench.paired monitor $q --trees single16,single64,transformer \
     --recipes adamw,robust_adamw --out "$work/monitor_paired"
-part writer 60 "$py" -m bench.writer_cost $q --trees single64,transformer --out "$work/writer"
+part writer 60 "$py" -m bench.writer_cost $q --trees single16,single64,transformer --out "$work/writer"
 rm -rf "$work"

@@ -86,6 +86,7 @@ def check_ids(case_names) -> list[str]:
     ids = [f"jit_dp/{n}" for n in sorted(case_names)]
     ids += [f"jit_tp/{n}" for n in sorted(case_names)]
     ids += ["jit_tp/guard_skips_nan_in_one_shard", "jit_tp/accumulate_drops_nan_in_one_shard"]
+    ids += ["jit_tp/writer_fetches_mesh_figures"]
     ids += [f"jit_explicit/{n}" for n in sorted(case_names)]
     ids += [f"shard_map/{n}" for n in SHARD_MAP_CHECKS]
     ids += [f"pmap/{n}" for n in PMAP_CHECKS]
@@ -435,7 +436,49 @@ def _jit_checks(battery):
     checks["jit_tp/accumulate_drops_nan_in_one_shard"] = lambda: _accumulate_nan_one_shard(
         place(tp_mesh, tp_specs), lambda sp: replicate_scalars(tp_mesh, sp), grad_fn, params
     )
+    checks["jit_tp/writer_fetches_mesh_figures"] = lambda: _writer_mesh_figures(
+        place(tp_mesh, tp_specs), grad_fn
+    )
     return checks
+
+
+def _writer_mesh_figures(placed, grad_fn):
+    """``MetricsWriter`` on figures of a tensor-parallel step (on the mesh), mixed with a
+    single-device step count and host numbers: the log holds what fetching each figure
+    alone gives."""
+    import json
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import adaptx
+
+    tx = adaptx.guard(adaptx.adamw(1e-2), per_tensor=True)
+    sp, sb = placed
+    state = tx.init(sp)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, adaptx.telemetry(state, per_tensor=True)
+
+    expected, p = [], sp
+    with tempfile.TemporaryDirectory() as run:
+        with adaptx.MetricsWriter(run, every_steps=2) as writer:
+            for t, batch in enumerate(sb[:3]):
+                p, state, figures = step(p, state, grad_fn(p, batch))
+                row = {**figures, "host": 0.5 * t, "count": jnp.int32(t)}
+                expected.append({k: v.item() if hasattr(v, "item") else v for k, v in row.items()})
+                writer.write(jnp.int32(t), row)
+        with open(f"{run}/metrics.jsonl") as f:
+            got = [json.loads(line) for line in f]
+    assert [r.pop("step") for r in got] == [0, 1, 2]
+    assert got == [{k: (str(v) if v != v else v) for k, v in r.items()} for r in expected]
+    meshed = [v for v in figures.values() if len(v.sharding.device_set) > 1]
+    assert meshed, "the step's figures should live on the mesh"
+    return {"figures": len(figures)}
 
 
 def _accumulate_nan_one_shard(placed, state_placer, grad_fn, params):

@@ -159,6 +159,12 @@ def test_accumulate_drops_a_micro_batch_with_a_nan_in_one_shard(results):
     assert info["tolerance_used"] <= 1.0
 
 
+def test_the_writer_fetches_figures_that_live_on_the_mesh(results):
+    """Figures of a tensor-parallel step, a single-device count and host numbers, in one
+    writer: the log holds what fetching each figure alone gives."""
+    assert _result(results, "jit_tp/writer_fetches_mesh_figures")["figures"] > 0
+
+
 @pytest.mark.parametrize("name", checks.SHARD_MAP_CHECKS)
 def test_shard_map_with_axis_name_reduces_across_devices(results, name):
     """With ``axis_name`` the decision is the global one; without it, each shard's own."""

@@ -80,6 +80,29 @@ def test_one_host_transfer_per_every_steps(tmp_path, device_gets):
     assert lines(log)[7] == {"step": 7, "loss": 7.0, "n": 7}
 
 
+def test_a_flush_copies_one_array_per_dtype_not_one_per_figure(tmp_path, monkeypatch):
+    """20 steps of 30 device scalars of three dtypes are fetched as three arrays, and each
+    value comes back with its own dtype and value."""
+    fetched = []
+    real = jax.device_get
+
+    def recording(tree):
+        fetched.append(len(jax.tree.leaves(tree)))
+        return real(tree)
+
+    monkeypatch.setattr(jax, "device_get", recording)
+    with adaptx.MetricsWriter(tmp_path, every_steps=20) as writer:
+        for step in range(20):
+            figures = {f"f{i}": jnp.float32(step + i / 8) for i in range(10)}
+            figures |= {f"n{i}": jnp.int32(2**30 + step + i) for i in range(10)}
+            figures |= {f"b{i}": jnp.bool_((step + i) % 2 == 0) for i in range(10)}
+            writer.write(step, {**figures, "host": 0.25})
+    assert fetched == [3]
+    row = lines(tmp_path / "metrics.jsonl")[7]
+    assert row["f3"] == 7.375 and row["n9"] == 2**30 + 16 and row["b0"] is False
+    assert row["host"] == 0.25 and row["step"] == 7
+
+
 def test_write_never_reads_a_value(tmp_path, device_gets):
     Lazy.reads = 0
     with adaptx.MetricsWriter(tmp_path, every_steps=4) as writer:
