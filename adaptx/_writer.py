@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -57,7 +58,7 @@ def _check_figure(key: Any, value: Any) -> None:
     if isinstance(value, str | bool | int | float | np.number | np.bool_):
         return
     dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
-    real = dtype is not None and any(jnp.issubdtype(dtype, t) for t in _REAL)
+    real = dtype is not None and _real(dtype)
     if not real or shape is None:
         raise TypeError(
             f"{_FN}.write: figures[{key!r}] must be a real number or a 0-d array, got {value!r}."
@@ -67,6 +68,12 @@ def _check_figure(key: Any, value: Any) -> None:
             f"{_FN}.write: figures[{key!r}] has shape {tuple(shape)}; a figure is a scalar. "
             "Log a reduction of it (e.g. jnp.mean), as adaptx.telemetry does."
         )
+
+
+@functools.cache
+def _real(dtype: Any) -> bool:
+    """Whether ``dtype`` is a bool, integer or float type (cached: write() runs every step)."""
+    return any(jnp.issubdtype(dtype, t) for t in _REAL)
 
 
 def _host(value: Any) -> Any:
