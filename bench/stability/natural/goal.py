@@ -57,3 +57,26 @@ def check(candidate: str, per_opt: dict, kinds: dict) -> dict | None:
         out["success_ok"] = 1.0 - me["fail_rate"] >= best_success
     out["met"] = all(v for k, v in out.items() if k.endswith("_ok"))
     return out
+
+
+def baselines_on_the_late_bar(per_opt: dict, kinds: dict) -> dict:
+    """The late-loss condition applied to each optax baseline itself, on one workload.
+
+    For each baseline: its median late loss over the best median of the *other* optax
+    baselines, whether that is within ``LATE_RATIO``, and the best baseline's own seed
+    spread (max / min of its late loss over seeds). If no fixed baseline meets the bar on
+    every workload, the bar asks a fixed recipe to match the hindsight best of a grid.
+    """
+    late = {n: s["late"] for n, s in per_opt.items() if kinds.get(n) == "optax"}
+    out: dict = {}
+    for name, s in late.items():
+        others = [o["median"] for n, o in late.items() if n != name]
+        if not others:
+            continue
+        ratio = s["median"] / min(others) if min(others) > 0 else float("inf")
+        out[name] = {"ratio": ratio, "ok": s["median"] <= LATE_RATIO * min(others)}
+    if late:
+        best = min(late, key=lambda n: late[n]["median"])
+        lo, hi = late[best]["min"], late[best]["max"]
+        out["_best_seed_spread"] = (best, hi / lo if lo > 0 else float("inf"))
+    return out

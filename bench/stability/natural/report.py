@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from bench.stability.natural import goal
+
 
 def _g(x: float) -> str:
     if x is None:
@@ -82,6 +84,40 @@ def goal_matrix(goals: dict) -> list[str]:
     return lines
 
 
+def baseline_bar_matrix(results: dict) -> list[str]:
+    """The late-loss condition applied to the optax baselines themselves (``goal.py``)."""
+    cells = {
+        w: goal.baselines_on_the_late_bar(cell["optimizers"], cell["kinds"])
+        for per_w in results.values()
+        for w, cell in per_w.items()
+    }
+    workloads = list(cells)
+    names = list(dict.fromkeys(n for c in cells.values() for n in c if not n.startswith("_")))
+    lines = [
+        "| optax baseline | " + " | ".join(workloads) + " | met on |",
+        "| --- |" + " --- |" * (len(workloads) + 1),
+    ]
+    for name in names:
+        row, met, ran = [], 0, 0
+        for w in workloads:
+            c = cells[w].get(name)
+            if c is None:
+                row.append("-")
+                continue
+            ran += 1
+            met += c["ok"]
+            why = "the others not finite" if c["ratio"] == 0 else f"{_g(c['ratio'])}x"
+            row.append(f"{'yes' if c['ok'] else 'no'} ({why})")
+        lines.append(f"| `{name}` | " + " | ".join(row) + f" | {met}/{ran} |")
+    spread = [cells[w].get("_best_seed_spread") for w in workloads]
+    lines.append(
+        "| the best baseline's seed spread (max / min late loss) | "
+        + " | ".join("-" if s is None else f"{_g(s[1])}x" for s in spread)
+        + " | |"
+    )
+    return lines
+
+
 def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> None:
     """``out.md`` and ``out.json``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,4 +155,13 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
     ]
     lines += goal_matrix(goals) + ["", "The figures behind each cell:", ""]
     lines += goal_table(goals) + [""]
+    lines += [
+        "## The late-loss condition, applied to the optax baselines themselves",
+        "",
+        "Each optax baseline's median late loss over the best median of the other optax "
+        "baselines on the same workload, and whether it is within 1.1x: the condition L "
+        "asks of a candidate. The last row is the best baseline's own spread over its seeds.",
+        "",
+    ]
+    lines += baseline_bar_matrix(results) + [""]
     out.with_suffix(".md").write_text("\n".join(lines))

@@ -61,7 +61,9 @@ NOTES = {
         "r = max over tensors of RMS(g/sqrt(v)) is above d; `+ RAdam`: with RAdam's "
         "rectified early steps), both prototypes in "
         "`bench/stability/natural/mechanisms.py` with float32 moments; "
-        "`robust_adamw(update_rms_clip=None)`; `robust parts with float32 moments` (robust_adamw's "
+        "`robust_adamw(update_rms_clip=None)`; `robust_adamw(nu_dtype=float32)` and "
+        "`robust_adamw(mu_dtype=nu_dtype=float32)` (its second moment, or both, in float32 "
+        "whatever the parameters' dtype); `robust parts with float32 moments` (robust_adamw's "
         "chain with `mu_dtype=nu_dtype=float32`)."
     ),
     "goal": (
@@ -89,6 +91,8 @@ CANDIDATES = (
     "lag back-off d=1.2",
     "lag back-off d=1.2 + RAdam",
     "catch-up c=1",
+    "robust_adamw(nu_dtype=float32)",
+    "robust_adamw(mu_dtype=nu_dtype=float32)",
     "robust parts with float32 moments",
     "optax amsgrad",
     "optax radam",
@@ -181,10 +185,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commands": [
-            *commands,
-            shlex.join(["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])]),
-        ],
+        # Each command once, in the order first run (a re-merge adds nothing new).
+        "commands": list(
+            dict.fromkeys(
+                [
+                    *commands,
+                    shlex.join(
+                        ["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])]
+                    ),
+                ]
+            )
+        ),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "backend": jax.default_backend(),
