@@ -144,3 +144,28 @@ def test_spam_recipe_uses_the_paper_defaults():
 def test_bad_settings_name_the_argument(factory, kwargs, arg):
     with pytest.raises(ValueError, match=f"{factory.__name__}: `{arg}`"):
         factory(**kwargs)
+
+
+def test_robust_adamw_keeps_the_second_moment_in_float32_for_float16_params():
+    """A constant gradient whose square underflows float16 (1e-8): Adam's step stays at
+    the learning rate with the second moment in float32 (the default), and grows step after
+    step when it is stored in float16 (``nu_dtype=None``, optax's choice), which forgets
+    the history of g^2 between steps."""
+    params = {"w": jnp.ones(4, jnp.float16)}
+    grads = {"w": jnp.full(4, 1e-4, jnp.float16)}
+
+    def steps(**kw):
+        tx = adaptx.robust_adamw(1e-2, weight_decay=0.0, **kw)
+        state, out = tx.init(params), []
+        for _ in range(10):
+            updates, state = tx.update(grads, state, params)
+            out.append(float(updates["w"][0]))
+        nu = jax.tree.leaves(optax.tree_utils.tree_get(state, "nu"))[0]
+        return np.array(out), nu.dtype
+
+    default, nu_dtype = steps()
+    assert nu_dtype == jnp.float32
+    np.testing.assert_allclose(default, -1e-2, rtol=1e-3)
+    in_float16, nu_dtype = steps(nu_dtype=None)
+    assert nu_dtype == jnp.float16
+    assert abs(in_float16[-1]) > 3 * 1e-2

@@ -61,10 +61,11 @@ NOTES = {
         "r = max over tensors of RMS(g/sqrt(v)) is above d; `+ RAdam`: with RAdam's "
         "rectified early steps), both prototypes in "
         "`bench/stability/natural/mechanisms.py` with float32 moments; "
-        "`robust_adamw(update_rms_clip=None)`; `robust_adamw(nu_dtype=float32)` and "
-        "`robust_adamw(mu_dtype=nu_dtype=float32)` (its second moment, or both, in float32 "
-        "whatever the parameters' dtype); `robust parts with float32 moments` (robust_adamw's "
-        "chain with `mu_dtype=nu_dtype=float32`)."
+        "`robust_adamw(update_rms_clip=None)`; `robust_adamw(nu_dtype=None)` (its second "
+        "moment in the parameters' dtype, optax's choice, which was its default until the "
+        "float16 rows below showed what it costs: `adaptx.robust_adamw` now keeps it in "
+        "float32); `robust parts with float32 moments` (robust_adamw's chain with "
+        "`mu_dtype=nu_dtype=float32`)."
     ),
     "goal": (
         "Reference for the spike condition: `optax clip 1 + sgd` on the recurrent "
@@ -91,8 +92,7 @@ CANDIDATES = (
     "lag back-off d=1.2",
     "lag back-off d=1.2 + RAdam",
     "catch-up c=1",
-    "robust_adamw(nu_dtype=float32)",
-    "robust_adamw(mu_dtype=nu_dtype=float32)",
+    "robust_adamw(nu_dtype=None)",
     "robust parts with float32 moments",
     "optax amsgrad",
     "optax radam",
