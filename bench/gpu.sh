@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The device checks, as one script sized to a short lease on one GPU: the versions, the
 # fast test subset on the GPU, then the update-step, monitor and writer benchmarks on the
-# trees that fit the time. Each part has its own time limit and a failure of one does not
-# stop the others; everything lands in RESULTS (default $OUT, else bench/results/gpu), packed
-# into one archive after every part so that a cut-off run still returns what it finished.
+# trees that fit the time, and the example's transformer train step. Each part has its own
+# time limit and a failure of one does not stop the others; everything lands in RESULTS
+# (default $OUT, else bench/results/gpu), packed into one archive after every part so that
+# a cut-off run still returns what it finished.
 #
 #     bash bench/gpu.sh            # on the GPU machine, from the repository root
 #     QUICK=1 bash bench/gpu.sh    # tiny trees, to check the script itself on any machine
@@ -42,4 +43,7 @@ part packed 120 "$py" bench/update_step.py $q --trees transformer --pipelines cl
 part monitor 80 "$py" -m bench.paired monitor $q --trees single16,single64,transformer \
     --recipes adamw,robust_adamw --out "$work/monitor_paired"
 part writer 60 "$py" -m bench.writer_cost $q --trees single16,single64,transformer --out "$work/writer"
+part train 150 "$py" bench/train_step.py $q --encoder transformer --recipes grad-only,adamw,robust_adamw \
+    --batch-size 128 --max-len 128 --embed-dim 256 --hidden-dim 256 --layers 4 --reps 20 \
+    --out "$work/train_step_transformer"
 rm -rf "$work"
