@@ -250,7 +250,7 @@ class MetricsWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Fetches the buffered steps with one ``jax.device_get`` and writes them (``_gather``)."""
+        """Fetches the buffered steps (one ``jax.device_get``, an array per dtype); writes them."""
         if self.closed:
             raise ValueError(f"{_FN}.flush: the writer is closed.")
         if not self._pending:
