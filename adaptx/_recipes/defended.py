@@ -242,12 +242,14 @@ def robust_adamw(
       default, intervenes less and steps faster (figures in ``bench/README.md``).
 
     * The second moment is stored in float32 whatever the parameters' dtype (optax and
-      :func:`adaptx.adamw` store it in the parameters' dtype). In float16, :math:`g^2`
-      underflows below :math:`6 \times 10^{-8}` and :math:`\epsilon = 10^{-8}` is zero, so
-      :math:`\hat v = 0` and the step is infinite: on ``bench/stability/natural``'s float16
-      language model, with the second moment in float16 every seed ends with a late loss
-      that is not finite, and in float32 every seed trains (late loss 2.26 and 2.80, the
-      best optax baseline's 2.28 and 2.84). In bfloat16, an increment of
+      :func:`adaptx.adamw` store it in the parameters' dtype). In float16, the stored
+      :math:`v` flushes to zero between steps wherever it falls below
+      :math:`6 \times 10^{-8}` (a gradient of about :math:`2 \times 10^{-4}`), so
+      :math:`\hat v` forgets the history of :math:`g^2` and the step grows past the
+      learning rate: on ``bench/stability/natural``'s float16 language model, with the
+      second moment in float16 every seed ends with a late loss that is not finite, and in
+      float32 every seed trains (late loss 2.26 and 2.80, the best optax baseline's 2.28
+      and 2.84). In bfloat16, an increment of
       :math:`(1 - \beta_2) = 10^{-3}` relative is below the format's resolution
       (:math:`2^{-8}`), so :math:`v` stops following :math:`g^2`. It costs 2 more bytes
       per parameter for 16-bit parameters; ``nu_dtype=None`` keeps optax's choice.

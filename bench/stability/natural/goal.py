@@ -29,6 +29,11 @@ def reference_name(per_opt: dict) -> str:
     return "optax clip 1 + sgd" if "optax clip 1 + sgd" in per_opt else "optax clip 1 + adamw"
 
 
+def optax_late(per_opt: dict, kinds: dict) -> dict[str, float]:
+    """The median late loss of each optax baseline run on one workload."""
+    return {n: s["late"]["median"] for n, s in per_opt.items() if kinds.get(n) == "optax"}
+
+
 def check(candidate: str, per_opt: dict, kinds: dict) -> dict | None:
     """The three conditions for ``candidate`` on one workload; ``None`` if it was not run."""
     if candidate not in per_opt:
@@ -43,7 +48,7 @@ def check(candidate: str, per_opt: dict, kinds: dict) -> dict | None:
         out["failures"] = (f_me, f_ref)
         out["episodes_ok"] = e_me <= SPIKE_RATIO * e_ref
         out["failures_ok"] = f_me <= SPIKE_RATIO * f_ref
-    baselines = {n: s["late"]["median"] for n, s in per_opt.items() if kinds.get(n) == "optax"}
+    baselines = optax_late(per_opt, kinds)
     if baselines:
         best = min(baselines, key=baselines.get)
         out["best_baseline"] = (best, baselines[best])
@@ -62,21 +67,22 @@ def check(candidate: str, per_opt: dict, kinds: dict) -> dict | None:
 def baselines_on_the_late_bar(per_opt: dict, kinds: dict) -> dict:
     """The late-loss condition applied to each optax baseline itself, on one workload.
 
-    For each baseline: its median late loss over the best median of the *other* optax
-    baselines, whether that is within ``LATE_RATIO``, and the best baseline's own seed
-    spread (max / min of its late loss over seeds). If no fixed baseline meets the bar on
-    every workload, the bar asks a fixed recipe to match the hindsight best of a grid.
+    ``"baselines"``: for each baseline, its median late loss over the best median of the
+    *other* optax baselines (``"ratio"``) and whether that is within ``LATE_RATIO``
+    (``"ok"``). ``"best_seed_spread"``: the best baseline's own spread over seeds (max / min
+    of its late loss), or ``None``. If no fixed baseline meets the bar on every workload,
+    the bar asks a fixed recipe to match the hindsight best of a grid.
     """
-    late = {n: s["late"] for n, s in per_opt.items() if kinds.get(n) == "optax"}
-    out: dict = {}
-    for name, s in late.items():
-        others = [o["median"] for n, o in late.items() if n != name]
-        if not others:
-            continue
-        ratio = s["median"] / min(others) if min(others) > 0 else float("inf")
-        out[name] = {"ratio": ratio, "ok": s["median"] <= LATE_RATIO * min(others)}
+    late = optax_late(per_opt, kinds)
+    baselines: dict = {}
+    for name, mine in late.items():
+        others = [v for n, v in late.items() if n != name]
+        if others:
+            best = min(others)
+            ratio = mine / best if best > 0 else float("inf")
+            baselines[name] = {"ratio": ratio, "ok": mine <= LATE_RATIO * best}
+    spread = None
     if late:
-        best = min(late, key=lambda n: late[n]["median"])
-        lo, hi = late[best]["min"], late[best]["max"]
-        out["_best_seed_spread"] = (best, hi / lo if lo > 0 else float("inf"))
-    return out
+        lo, hi = (per_opt[min(late, key=late.get)]["late"][k] for k in ("min", "max"))
+        spread = hi / lo if lo > 0 else float("inf")
+    return {"baselines": baselines, "best_seed_spread": spread}

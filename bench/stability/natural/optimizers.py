@@ -115,8 +115,9 @@ def mechanism_entries() -> list[Entry]:
     """Mechanisms under test: the prototypes of :mod:`bench.stability.natural.mechanisms`,
     optax's AMSGrad (the second moment never decreases) and RAdam (Liu et al. 2020's
     rectified early steps), a 100-step linear warm-up, and two configurations of adaptx's
-    parts (robust_adamw without update clipping; with its second moment in the parameters'
-    dtype, as before it defaulted to float32; its parts with float32 moments)."""
+    parts (robust_adamw without update clipping; robust_adamw with its second moment in the
+    parameters' dtype, its default before it became float32; its parts with float32
+    moments)."""
     f32 = jnp.float32
     return [
         Entry("optax amsgrad", "adam", "mechanism", lambda lr: optax.amsgrad(lr)),

@@ -183,19 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for c in args.candidates.split(",")
     }
+    this_command = shlex.join(["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])])
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         # Each command once, in the order first run (a re-merge adds nothing new).
-        "commands": list(
-            dict.fromkeys(
-                [
-                    *commands,
-                    shlex.join(
-                        ["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])]
-                    ),
-                ]
-            )
-        ),
+        "commands": list(dict.fromkeys([*commands, this_command])),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "backend": jax.default_backend(),
