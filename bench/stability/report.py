@@ -242,10 +242,20 @@ def markdown(results: dict) -> str:
         "",
     ]
     if "cost" in results:
+        src = results["meta"].get("cost_from")
         out += [
             "## Step time (the tree of `cost.tree_shapes()`; ratios against `adaptx.adamw`"
             " unless a pair is named)",
             "",
+        ]
+        if src:
+            out += [
+                f"Timed by `{src['command']}` on {src['date']} (jax {src['jax']}, "
+                f"{src['device']}) and read from `{src['path']}`: a step's cost does not "
+                "depend on the traces.",
+                "",
+            ]
+        out += [
             *_cost_table(results),
             "",
         ]

@@ -147,6 +147,13 @@ def main(argv=None) -> dict:
     p.add_argument("--defenses", default=None, help="comma-separated names (default: all)")
     p.add_argument("--no-cost", action="store_true", help="skip the step-time measurement")
     p.add_argument("--no-grid", action="store_true", help="skip the calibration grid")
+    p.add_argument(
+        "--cost-from",
+        default=None,
+        metavar="JSON",
+        help="take the step-time section from an earlier result instead of timing it "
+        "(the step costs do not depend on the traces; time them on a quiet machine)",
+    )
     p.add_argument("--out", default="bench/results/stability", help="path prefix of .json/.md")
     args = p.parse_args(argv)
 
@@ -172,7 +179,14 @@ def main(argv=None) -> dict:
     }
     if not (args.quick or args.no_grid):
         results["grid"] = calibrate(traces, meta)
-    if not args.no_cost:
+    if args.cost_from:
+        earlier = json.loads(Path(args.cost_from).read_text())
+        results["cost"] = earlier["cost"]
+        results["meta"]["cost_from"] = earlier["meta"].get("cost_from") or {
+            "path": args.cost_from,
+            **{k: earlier["meta"][k] for k in ("command", "date", "jax", "device")},
+        }
+    elif not args.no_cost:
         results["cost"] = step_cost(chosen, args.quick)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,3 +103,59 @@ def test_quick_run_writes_a_table_per_workload_and_the_goal(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "| `adaptx.robust_adamw` |" in text
     assert "## The goal, per workload" in text
+    # the recurrent cell draws minibatches and is read on its fixed batch; the full-batch not
+    assert data["results"]["rnn_addition"]["addition T=10"]["fixed_batch"] is True
+    assert data["results"]["adam_spikes"]["w16 d1 smooth lr0.01"]["fixed_batch"] is False
+    assert "episodes of the minibatch loss" in text
+
+
+def _noisy_workload(fixed: bool):
+    """A one-parameter fit whose minibatch loss is the fixed loss times a factor that is
+    1 or 20 from batch to batch: sampling noise, with no jump of the parameters at all."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.stability.natural import runner
+
+    def fit(p):
+        return 1e-3 + (p["x"] - 1.0) ** 2
+
+    def loss(p, key):
+        return fit(p) * jnp.where(jax.random.bernoulli(key, 0.05), 20.0, 1.0)
+
+    return runner.Workload(
+        name="noisy",
+        family="test",
+        init=lambda key: {"x": jnp.zeros([])},
+        loss=loss,
+        steps=400,
+        learning_rate=0.05,
+        eval_loss=fit if fixed else None,
+    )
+
+
+def test_a_stochastic_workload_is_read_on_its_fixed_batch_and_its_noise_kept_apart():
+    import optax
+
+    from bench.stability.natural import runner
+
+    curves = runner.train(_noisy_workload(fixed=True), optax.adam(0.05), seeds=2)
+    assert curves.fixed is not None and curves.fixed.shape == curves.train.shape == (2, 400)
+    assert curves.watched is curves.fixed
+    for fixed, minibatch in zip(curves.fixed, curves.train, strict=True):
+        figs = metrics.run_figures(fixed, None, minibatch)
+        # the minibatch's 20x draws are spikes of the rule; the parameters never jumped
+        assert figs["minibatch_episodes"] >= 5 and figs["episodes"] == 0
+    # a full-batch workload has one curve, and the figures read it
+    full = runner.train(_noisy_workload(fixed=False), optax.adam(0.05), seeds=1)
+    assert full.fixed is None and full.watched is full.train
+
+
+def test_cells_run_differently_are_replaced_not_mixed_on_merge():
+    cell = {"steps": 10, "seeds": 3, "fixed_batch": True, "optimizers": {"a": 1}, "kinds": {}}
+    results = {"f": {"w": {**cell, "optimizers": {"a": 0, "b": 0}}}}
+    sweep._merge(results, {"f": {"w": cell}})
+    assert results["f"]["w"]["optimizers"] == {"a": 1, "b": 0}  # run alike: rows updated
+    more = {**cell, "seeds": 10, "optimizers": {"a": 2}}
+    sweep._merge(results, {"f": {"w": more}})
+    assert results["f"]["w"]["optimizers"] == {"a": 2}  # more seeds: the cell is replaced

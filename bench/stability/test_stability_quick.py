@@ -42,6 +42,29 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert "| `adaptx.robust_adamw` |" in text
 
 
+def test_step_costs_can_be_read_from_an_earlier_timed_run_with_its_provenance(tmp_path):
+    earlier = tmp_path / "timed.json"
+    cost = {"adaptx.adamw": {"ms": 8.0, "ratio": 1.0, "min": 1.0, "max": 1.0}}
+    meta = {"command": "python -m bench.stability", "date": "2026-01-02", "jax": "0.1"}
+    earlier.write_text(json.dumps({"meta": {**meta, "device": "cpu:0"}, "cost": cost}))
+    out = tmp_path / "stab"
+    run.main(["--quick", "--out", str(out), "--defenses", "none", "--cost-from", str(earlier)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["cost"] == cost  # not re-timed
+    assert res["meta"]["cost_from"] == {**meta, "device": "cpu:0", "path": str(earlier)}
+    assert (
+        "Timed by `python -m bench.stability` on 2026-01-02" in out.with_suffix(".md").read_text()
+    )
+    # read again from the new result, the provenance stays the timed run's
+    again = tmp_path / "again"
+    run.main(
+        ["--quick", "--out", str(again), "--defenses", "none", "--cost-from", str(out) + ".json"]
+    )
+    assert json.loads(again.with_suffix(".json").read_text())["meta"]["cost_from"]["path"] == str(
+        earlier
+    )
+
+
 def test_no_defense_catches_nothing_and_a_skip_everything_rule_catches_all():
     trace = _trace()
     none = replay.score(defenses.by_name("none"), trace, seed=0)

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from bench.stability.natural import text
-from bench.stability.natural.runner import Workload
+from bench.stability.natural.runner import Workload, fixed_key
+
+FIXED_BATCHES = 4
+"""The fixed batch holds this many training batches' worth of contexts."""
 
 
 def _init(context: int, embed: int, hidden: int):
@@ -48,20 +51,21 @@ def workload(
     """The float16 MLP LM at Adam rate ``lr``."""
     data = jnp.asarray(text.stream())
 
-    def loss(params, key):
-        x, y = text.batch(key, data, batch, context)
-        h = params["embed"][x].reshape(batch, -1)
+    def lm_loss(params, x, y):
+        h = params["embed"][x].reshape(x.shape[0], -1)
         h = jnp.tanh(h @ params["w1"] + params["b1"])
         return text.cross_entropy(h @ params["w2"] + params["b2"], y[:, -1])
 
+    fixed = text.batch(fixed_key(), data, FIXED_BATCHES * batch, context)
     return Workload(
         name=f"fp16 MLP LM h{hidden} lr{lr:g}",
         family="fp16",
         init=_init(context, embed, hidden),
-        loss=loss,
+        loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, context)),
         steps=steps,
         learning_rate=lr,
         fail_above=text.unigram_entropy(),
+        eval_loss=lambda params: lm_loss(params, *fixed),
     )
 
 

@@ -13,6 +13,10 @@ losses in the window are ignored). A maximal run of consecutive spiking steps is
 The *late loss* is the median of the last fifth of the steps, the *final loss* the last
 step's; both count a non-finite loss as :math:`+\infty`, so a run that diverged ranks
 last and a median over seeds is still defined.
+
+On a stochastic workload every figure reads the loss of its fixed batch (see
+``runner.py``); the episodes of the minibatch loss are kept beside them
+(``minibatch_episodes``) to show how much of that count was sampling noise.
 """
 
 from __future__ import annotations
@@ -67,28 +71,40 @@ def final_loss(loss: np.ndarray) -> float:
     return float(_finite_or_inf(loss)[-1])
 
 
-def run_figures(loss: np.ndarray, fail_above: float | None) -> dict:
-    """The figures of one run; it *fails* when its late loss is above ``fail_above``."""
+def run_figures(
+    loss: np.ndarray, fail_above: float | None, minibatch: np.ndarray | None = None
+) -> dict:
+    """The figures of one run; it *fails* when its late loss is above ``fail_above``.
+
+    ``loss`` is the curve the figures read; ``minibatch``, where given, is the training
+    loss of a run whose ``loss`` is a fixed batch's, and adds ``minibatch_episodes``.
+    """
     late = late_loss(loss)
-    return {
+    out = {
         "episodes": spike_episodes(loss),
         "late": late,
         "final": final_loss(loss),
         "failed": bool(fail_above is not None and not late <= fail_above),
         "nonfinite": bool(not np.all(np.isfinite(loss))),
     }
+    if minibatch is not None:
+        out["minibatch_episodes"] = spike_episodes(minibatch)
+    return out
 
 
 def over_seeds(runs: list[dict]) -> dict:
     """Median and min-max over seeds of each figure, and the failure rate."""
     out = {"seeds": len(runs), "fail_rate": float(np.mean([r["failed"] for r in runs]))}
     out["nonfinite_rate"] = float(np.mean([r["nonfinite"] for r in runs]))
-    for key in ("episodes", "late", "final"):
+    keys = ["episodes", "late", "final"]
+    if all("minibatch_episodes" in r for r in runs):
+        keys.append("minibatch_episodes")
+    for key in keys:
         vals = np.array([r[key] for r in runs], np.float64)
         out[key] = {
             "median": float(np.median(vals)),
             "min": float(vals.min()),
             "max": float(vals.max()),
-            "total": float(vals.sum()) if key == "episodes" else None,
+            "total": float(vals.sum()) if key.endswith("episodes") else None,
         }
     return out

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from bench.stability.natural import text
-from bench.stability.natural.runner import Workload
+from bench.stability.natural.runner import Workload, fixed_key
+
+FIXED_WINDOWS = 32
+"""Windows in the fixed batch (4x the training batch)."""
 
 
 def _dense(key, m, n):
@@ -102,18 +105,19 @@ def workload(
     """A ``layers``-deep Post-LN character LM trained with Adam at ``lr`` from step 0."""
     data = jnp.asarray(text.stream())
 
-    def loss(params, key):
-        x, y = text.batch(key, data, batch, length)
+    def lm_loss(params, x, y):
         return text.cross_entropy(forward(params, x, heads), y)
 
+    fixed = text.batch(fixed_key(), data, FIXED_WINDOWS, length)
     return Workload(
         name=f"Post-LN L{layers} d{d} lr{lr:g}",
         family="post_ln",
         init=_init(layers, d, length),
-        loss=loss,
+        loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, length)),
         steps=steps,
         learning_rate=lr,
         fail_above=text.unigram_entropy(),
+        eval_loss=lambda params: lm_loss(params, *fixed),
     )
 
 

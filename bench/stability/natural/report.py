@@ -26,14 +26,18 @@ def _int(x: float) -> str:
 
 
 def workload_table(per_opt: dict) -> list[str]:
+    """One row per optimizer; a column of minibatch episodes where a fixed batch was read."""
+    noisy = all("minibatch_episodes" in s for s in per_opt.values())
+    extra = " episodes of the minibatch loss |" if noisy else ""
     lines = [
-        "| optimizer | spike episodes | failed | late loss | final loss |",
-        "| --- | --- | --- | --- | --- |",
+        "| optimizer | spike episodes | failed | late loss | final loss |" + extra,
+        "| --- | --- | --- | --- | --- |" + (" --- |" if noisy else ""),
     ]
     for name, s in per_opt.items():
+        cells = f" {_spread(s['minibatch_episodes'], _int)} |" if noisy else ""
         lines.append(
             f"| `{name}` | {_spread(s['episodes'], _int)} | {s['fail_rate']:.0%} "
-            f"| {_spread(s['late'])} | {_spread(s['final'])} |"
+            f"| {_spread(s['late'])} | {_spread(s['final'])} |" + cells
         )
     return lines
 
@@ -128,14 +132,19 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
         "# Natural instabilities: no fault injected",
         "",
         f"Recorded {meta['date']} (jax {meta['jax']}, optax {meta['optax']}, "
-        f"{meta['seeds']} seeds per cell, {meta['backend']}).",
+        f"{meta['backend']}; the seeds of each cell are stated with its table).",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
         "Each cell: median over seeds (min-max). *Spike episodes*: separate runs of steps whose "
         "loss is non-finite or above 10x its minimum over the previous 200 steps. *Late loss*: "
         "median over the last 20 % of the steps (non-finite counts as inf). *Failed*: the share "
-        "of seeds whose late loss is above the workload's failure level (stated per table).",
+        "of seeds whose late loss is above the workload's failure level (stated per table). "
+        "Where a workload draws minibatches, every figure reads the loss of one fixed batch at "
+        "the same parameters (the same batch at every step and seed, drawn from the training "
+        "distribution; its size is stated per family), so that a jump counts as a spike only "
+        "when the parameters moved; the last column counts the episodes of the minibatch loss "
+        "itself, sampling noise included.",
         "",
     ]
     for family, per_w in results.items():
@@ -143,7 +152,9 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
         for w, cell in per_w.items():
             fail = cell["fail_above"]
             level = "no failure level" if fail is None else f"fails above {_g(fail)}"
-            lines += [f"### {w}", "", f"{cell['steps']} steps; {level}.", ""]
+            read = "; figures read on the fixed batch" if cell.get("fixed_batch") else ""
+            seeds = f"{cell['seeds']} seeds, " if "seeds" in cell else ""
+            lines += [f"### {w}", "", f"{cell['steps']} steps, {seeds}{level}{read}.", ""]
             lines += workload_table(cell["optimizers"]) + [""]
     lines += ["## Mechanisms under test", "", notes.get("mechanisms", ""), ""]
     lines += ["## The goal, per workload", "", notes.get("goal", ""), ""]

@@ -25,16 +25,26 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from bench.stability.natural import text
-from bench.stability.natural.runner import Workload
+from bench.stability.natural.runner import Workload, fixed_key
 
 ADDITION_SUCCESS = 0.04
+FIXED_SEQUENCES = 200
+"""Sequences in a sequence task's fixed batch (10x the training batch)."""
+FIXED_WINDOWS = 64
+"""Windows in the character RNN's fixed batch (4x the training batch)."""
 
 
-def _rnn_init(inputs: int, hidden: int, outputs: int, radius: float):
+def rnn_init(inputs: int, hidden: int, outputs: int, radius: float):
+    """``key -> params`` of the tanh RNN: recurrent ``W`` of spectral radius about
+    ``radius``, input ``U`` and read-out ``V`` at unit fan-in variance, zero biases."""
+
     def init(key):
         kw, ku, kv = jax.random.split(key, 3)
         return {
@@ -48,7 +58,7 @@ def _rnn_init(inputs: int, hidden: int, outputs: int, radius: float):
     return init
 
 
-def _states(params, xs):
+def states(params, xs):
     """Hidden states for inputs ``xs`` of shape ``[T, batch, inputs]``."""
 
     def cell(h, x):
@@ -71,8 +81,23 @@ def _addition_batch(key, batch: int, length: int):
     return xs, jnp.sum(values * marks, axis=0)
 
 
-def addition(
-    length: int,
+@dataclasses.dataclass(frozen=True)
+class SequenceTask:
+    """A task read from the last state of the tanh RNN (the adding problem, the temporal
+    order): ``batch(key, size) -> (xs [T, size, inputs], targets)`` and ``read(out,
+    targets) -> loss`` of the read-out ``out = h_T V + c``."""
+
+    name: str
+    family: str
+    inputs: int
+    outputs: int
+    batch: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
+    read: Callable[[jax.Array, jax.Array], jax.Array]
+    fail_above: float
+
+
+def sequence_workload(
+    task: SequenceTask,
     steps: int,
     *,
     hidden: int = 32,
@@ -81,24 +106,38 @@ def addition(
     adam_lr: float = 1e-3,
     batch: int = 20,
 ) -> Workload:
-    """The adding problem at ``length``."""
+    """``task`` in a tanh RNN of ``hidden`` units, minibatches of ``batch`` sequences, and a
+    fixed batch of :data:`FIXED_SEQUENCES`."""
 
-    def loss(params, key):
-        xs, y = _addition_batch(key, batch, length)
-        h = _states(params, xs)[-1]
-        pred = (h @ params["V"] + params["c"])[:, 0]
-        return jnp.mean((pred - y) ** 2)
+    def loss(params, xs, y):
+        return task.read(states(params, xs)[-1] @ params["V"] + params["c"], y)
 
+    fixed = task.batch(fixed_key(), FIXED_SEQUENCES)
     return Workload(
-        name=f"addition T={length}",
-        family="rnn_addition",
-        init=_rnn_init(2, hidden, 1, radius),
-        loss=loss,
+        name=task.name,
+        family=task.family,
+        init=rnn_init(task.inputs, hidden, task.outputs, radius),
+        loss=lambda params, key: loss(params, *task.batch(key, batch)),
         steps=steps,
         learning_rate=adam_lr,
         sgd_learning_rate=sgd_lr,
+        fail_above=task.fail_above,
+        eval_loss=lambda params: loss(params, *fixed),
+    )
+
+
+def addition(length: int, steps: int, **options) -> Workload:
+    """The adding problem at ``length`` (``options``: :func:`sequence_workload`'s)."""
+    task = SequenceTask(
+        name=f"addition T={length}",
+        family="rnn_addition",
+        inputs=2,
+        outputs=1,
+        batch=lambda key, size: _addition_batch(key, size, length),
+        read=lambda out, y: jnp.mean((out[:, 0] - y) ** 2),
         fail_above=ADDITION_SUCCESS,
     )
+    return sequence_workload(task, steps, **options)
 
 
 def char(
@@ -115,22 +154,21 @@ def char(
     data = jnp.asarray(text.stream())
     vocab = len(text.VOCAB)
 
-    def loss(params, key):
-        x, y = text.batch(key, data, batch, length)
-        xs = jax.nn.one_hot(x.T, vocab)
-        hs = _states(params, xs)
-        logits = hs @ params["V"] + params["c"]
-        return text.cross_entropy(logits, y.T)
+    def lm_loss(params, x, y):
+        hs = states(params, jax.nn.one_hot(x.T, vocab))
+        return text.cross_entropy(hs @ params["V"] + params["c"], y.T)
 
+    fixed = text.batch(fixed_key(), data, FIXED_WINDOWS, length)
     return Workload(
         name=f"char RNN h{hidden} T={length}",
         family="rnn_char",
-        init=_rnn_init(vocab, hidden, vocab, radius),
-        loss=loss,
+        init=rnn_init(vocab, hidden, vocab, radius),
+        loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, length)),
         steps=steps,
         learning_rate=adam_lr,
         sgd_learning_rate=sgd_lr,
         fail_above=text.unigram_entropy(),
+        eval_loss=lambda params: lm_loss(params, *fixed),
     )
 
 

@@ -6,13 +6,19 @@ draws the step's minibatch; a full-batch workload ignores it). The steps run und
 compiles once. The loss recorded at step ``t`` is the loss of the parameters *before*
 step ``t``'s update, the loss the gradient was taken of. Every optimizer is given the
 loss as ``value=loss`` (adaptx's guard reads it; optax's transforms ignore it).
+
+A stochastic workload also gives ``eval_loss(params) -> scalar``: the loss on one fixed
+batch, the same at every step and every seed, recorded at the same parameters. A
+minibatch's loss moves by itself from batch to batch, the more so relative to its mean
+as the mean gets small, so a spike rule read on it counts sampling noise; read on the
+fixed batch, a jump is the parameters' own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +41,8 @@ class Workload:
       learning_rate: the rate of the Adam-family optimizers.
       sgd_learning_rate: the rate of the SGD-family optimizers (``None``: not run).
       fail_above: a run fails when its late loss is above this (``None``: never).
+      eval_loss: ``params -> scalar``, the loss on a fixed batch, or ``None`` for a
+        full-batch workload (its training loss has no sampling noise).
     """
 
     name: str
@@ -45,6 +53,33 @@ class Workload:
     learning_rate: float
     sgd_learning_rate: float | None = None
     fail_above: float | None = None
+    eval_loss: Callable[[Any], jax.Array] | None = None
+
+
+FIXED_BATCH_KEY = 2_147_483_647
+"""The seed of every workload's fixed batch; a run's minibatch keys derive from
+``PRNGKey(seed)`` with ``seed`` in ``0..seeds-1``, never from this one."""
+
+
+def fixed_key() -> jax.Array:
+    """The key a workload draws its fixed batch from."""
+    return jax.random.PRNGKey(FIXED_BATCH_KEY)
+
+
+class Curves(NamedTuple):
+    """Per-step losses of one (workload, optimizer) pair, each ``[seeds, steps]`` float32.
+
+    ``train``: the minibatch loss the gradient was taken of. ``fixed``: the fixed batch's
+    loss at the same parameters, or ``None`` where the workload has none.
+    """
+
+    train: np.ndarray
+    fixed: np.ndarray | None
+
+    @property
+    def watched(self) -> np.ndarray:
+        """The curve the figures read: the fixed batch's where there is one."""
+        return self.train if self.fixed is None else self.fixed
 
 
 def _grad(loss_fn, params, key, scale):
@@ -58,10 +93,11 @@ def _grad(loss_fn, params, key, scale):
 
 def train(
     workload: Workload, tx: optax.GradientTransformation, seeds: int, *, loss_scaled: bool = False
-) -> np.ndarray:
-    """Loss per step, shape ``[seeds, steps]`` float32; ``loss_scaled`` multiplies the loss
-    by :func:`adaptx.loss_scale` of the state before differentiating."""
+) -> Curves:
+    """The loss curves of ``seeds`` runs; ``loss_scaled`` multiplies the loss by
+    :func:`adaptx.loss_scale` of the state before differentiating."""
     tx = optax.with_extra_args_support(tx)
+    fixed = workload.eval_loss
 
     def one(seed):
         k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
@@ -73,10 +109,12 @@ def train(
             scale = adaptx.loss_scale(state) if loss_scaled else jnp.ones([], jnp.float32)
             value, grads = _grad(workload.loss, params, jax.random.fold_in(k_data, t), scale)
             updates, state = tx.update(grads, state, params, value=value)
+            seen = value if fixed is None else fixed(params)
             params = optax.apply_updates(params, updates)
-            return (params, state), value.astype(jnp.float32)
+            return (params, state), (value.astype(jnp.float32), seen.astype(jnp.float32))
 
         _, losses = jax.lax.scan(body, (params, state), jnp.arange(workload.steps))
         return losses
 
-    return np.asarray(jax.jit(jax.vmap(one))(jnp.arange(seeds)))
+    train_loss, fixed_loss = jax.jit(jax.vmap(one))(jnp.arange(seeds))
+    return Curves(np.asarray(train_loss), None if fixed is None else np.asarray(fixed_loss))

@@ -17,12 +17,23 @@ from pathlib import Path
 import jax
 import optax
 
-from bench.stability.natural import adam_spikes, fp16, goal, metrics, post_ln, report, rnn, runner
+from bench.stability.natural import (
+    adam_spikes,
+    fp16,
+    goal,
+    metrics,
+    post_ln,
+    report,
+    rnn,
+    runner,
+    temporal_order,
+)
 from bench.stability.natural import optimizers as opt
 
 FAMILIES = {
     "adam_spikes": adam_spikes,
     "rnn": rnn,
+    "temporal_order": temporal_order,
     "post_ln": post_ln,
     "fp16": fp16,
 }
@@ -35,22 +46,31 @@ NOTES = {
     "rnn_addition": (
         "Plain tanh RNN on the adding problem (recurrent radius 1.2, hidden 32, batch 20); "
         "SGD family at rate 0.05, Adam family at 1e-3. Fails: late MSE above 0.04 "
-        "(chance is 1/6)."
+        f"(chance is 1/6). Fixed batch: {rnn.FIXED_SEQUENCES} sequences."
+    ),
+    "rnn_order": (
+        "The temporal-order problem (`bench/stability/natural/temporal_order.py`) in the "
+        "adding problem's tanh RNN: the class of the two marked symbols of a sequence of "
+        "distractors, read from the last state. SGD family at rate 0.05, Adam family at "
+        "1e-3. Fails: late cross-entropy above a quarter of chance "
+        f"({temporal_order.FAIL_ABOVE:.3f} nats; keeping only the later symbol gives "
+        f"0.693). Fixed batch: {rnn.FIXED_SEQUENCES} sequences."
     ),
     "rnn_char": (
         "Character RNN LM on the reviews text (recurrent radius 1.5, hidden 64, 32 "
         "characters, batch 16); SGD family at 1.0, Adam family at 3e-3. Fails: late loss "
-        "above the unigram entropy."
+        f"above the unigram entropy. Fixed batch: {rnn.FIXED_WINDOWS} windows."
     ),
     "post_ln": (
         "Post-LN character transformer LM on the reviews text (6 layers, width 32, 32 "
         "characters, batch 8), Adam family from step 0 at a constant rate (no warm-up). "
-        "Fails: late loss above the unigram entropy."
+        f"Fails: late loss above the unigram entropy. Fixed batch: {post_ln.FIXED_WINDOWS} windows."
     ),
     "fp16": (
         "float16 character MLP LM (params, activations, loss, gradients and optimizer "
         "state in float16), no loss scaling except where named. Fails: late loss above "
-        "the unigram entropy or not finite."
+        f"the unigram entropy or not finite. Fixed batch: {fp16.FIXED_BATCHES}x the training "
+        "batch of 64 contexts."
     ),
     "mechanisms": (
         "Rows not in the goal's baselines (kind `mechanism`): `optax amsgrad` (the second "
@@ -74,6 +94,10 @@ NOTES = {
         "compares with the best of the clip grid on SGD."
     ),
 }
+SEEDS = {"adam_spikes": 10, "rnn": 6, "temporal_order": 6, "post_ln": 3, "fp16": 6}
+"""Seeds per cell by default: most where the runs are cheap and their late loss varies
+most from seed to seed (the full-batch fits vary up to 15x over 3 seeds), fewest where one
+run takes longest (the Post-LN stack, whose runs agree to 2 %)."""
 RNN_ADAM = {
     "optax adamw",
     "optax clip 1 + adamw",
@@ -120,8 +144,12 @@ def run_workload(w: runner.Workload, entries: list[opt.Entry], seeds: int, log) 
     for e in entries:
         lr = w.sgd_learning_rate if e.family == "sgd" else w.learning_rate
         t0 = time.perf_counter()
-        losses = runner.train(w, e.make(lr), seeds, loss_scaled=e.loss_scaled)
-        runs = [metrics.run_figures(row, w.fail_above) for row in losses]
+        curves = runner.train(w, e.make(lr), seeds, loss_scaled=e.loss_scaled)
+        minibatch = curves.train if curves.fixed is not None else [None] * seeds
+        runs = [
+            metrics.run_figures(row, w.fail_above, mb)
+            for row, mb in zip(curves.watched, minibatch, strict=True)
+        ]
         per_opt[e.name] = metrics.over_seeds(runs) | {"per_seed": runs}
         kinds[e.name] = e.kind
         s = per_opt[e.name]
@@ -129,15 +157,32 @@ def run_workload(w: runner.Workload, entries: list[opt.Entry], seeds: int, log) 
             f"  {e.name:40s} episodes {s['episodes']['median']:5.0f} fail {s['fail_rate']:.2f} "
             f"late {s['late']['median']:.3g} ({time.perf_counter() - t0:.0f}s)"
         )
-    return {"steps": w.steps, "fail_above": w.fail_above, "optimizers": per_opt, "kinds": kinds}
+    return {
+        "steps": w.steps,
+        "fail_above": w.fail_above,
+        "seeds": seeds,
+        "fixed_batch": w.eval_loss is not None,
+        "optimizers": per_opt,
+        "kinds": kinds,
+    }
+
+
+TABLE_ORDER = ("adam_spikes", "rnn_addition", "rnn_order", "rnn_char", "post_ln", "fp16")
+
+
+def _table_order(family: str) -> int:
+    """Families in :data:`TABLE_ORDER`, however they were recorded; any other last."""
+    return TABLE_ORDER.index(family) if family in TABLE_ORDER else len(TABLE_ORDER)
 
 
 def _merge(results: dict, new: dict) -> None:
-    """Adds ``new``'s cells to ``results``; the rows of a cell already there are updated."""
+    """Adds ``new``'s cells to ``results``. The rows of a cell already there are updated
+    when both were run alike (steps, seeds, fixed batch); otherwise the new cell replaces it."""
+    alike = ("steps", "seeds", "fixed_batch")
     for family, per_w in new.items():
         for name, cell in per_w.items():
             old = results.setdefault(family, {}).get(name)
-            if old is not None and old["steps"] == cell["steps"]:
+            if old is not None and all(old.get(k) == cell.get(k) for k in alike):
                 old["optimizers"].update(cell["optimizers"])
                 old["kinds"].update(cell["kinds"])
             else:
@@ -147,7 +192,9 @@ def _merge(results: dict, new: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.stability.natural", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny steps and seeds, one variant each")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per cell (default: per family; quick 2)"
+    )
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families")
     p.add_argument("--only", default=None, help="comma-separated optimizer names to run")
     p.add_argument(
@@ -157,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge", action="store_true", help="keep the other families already in --out")
     p.add_argument("--include", default=None, help="a results .json of another run to merge in")
     args = p.parse_args(argv)
-    seeds = args.seeds or (2 if args.quick else 3)
+    seeds = {f: args.seeds or (2 if args.quick else n) for f, n in SEEDS.items()}
     only = set(args.only.split(",")) if args.only else None
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     results: dict = {}
@@ -173,8 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     for fam in filter(None, args.families.split(",")):
         for w in FAMILIES[fam].variants(args.quick):
             log(f"{w.family} / {w.name}")
-            cell = run_workload(w, entries_for(w, args.quick, only), seeds, log)
+            cell = run_workload(w, entries_for(w, args.quick, only), seeds[fam], log)
             _merge(results, {w.family: {w.name: cell}})
+    results = {f: results[f] for f in sorted(results, key=_table_order)}
     goals = {
         c: {
             w: goal.check(c, cell["optimizers"], cell["kinds"])
