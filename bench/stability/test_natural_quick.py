@@ -159,3 +159,31 @@ def test_cells_run_differently_are_replaced_not_mixed_on_merge():
     more = {**cell, "seeds": 10, "optimizers": {"a": 2}}
     sweep._merge(results, {"f": {"w": more}})
     assert results["f"]["w"]["optimizers"] == {"a": 2}  # more seeds: the cell is replaced
+
+
+def test_rescore_recomputes_failures_at_the_workloads_current_level():
+    (w,) = [w for w in sweep.FAMILIES["rnn"].variants(True)]  # the quick adding problem
+    runs = [{"late": late, "failed": False} for late in (0.01, 0.5, float("inf"))]
+    cell = {"fail_above": None, "optimizers": {"a": {"per_seed": runs, "fail_rate": 0.0}}}
+    results = {w.family: {w.name: cell}, "other": {"not a workload": {"optimizers": {}}}}
+    sweep.rescore(results, quick=True)
+    assert cell["fail_above"] == w.fail_above
+    assert [r["failed"] for r in runs] == [False, True, True]
+    assert abs(cell["optimizers"]["a"]["fail_rate"] - 2 / 3) < 1e-12
+
+
+def test_a_language_model_fails_at_the_unigram_models_loss_on_its_own_fixed_batch():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.stability.natural import post_ln, runner, text
+
+    (w,) = post_ln.variants(True)  # 8-character windows
+    data = text.stream()
+    _, targets = text.batch(runner.fixed_key(), jnp.asarray(data), post_ln.FIXED_WINDOWS, 8)
+    freq = np.bincount(data, minlength=len(text.VOCAB)) / data.size
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(freq, jnp.float32)), (*targets.shape, freq.size))
+    at_the_level = float(text.cross_entropy(logits, targets))
+    assert abs(w.fail_above - at_the_level) < 1e-4
+    # the whole text's entropy is another number: a stalled model would pass or fail by luck
+    assert abs(w.fail_above - text.unigram_loss(data)) > 1e-3

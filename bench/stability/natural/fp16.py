@@ -6,7 +6,8 @@ loss and gradients are all float16, and whose optimizer state is kept in the par
 dtype (optax's default). Nothing is injected: gradients below float16's smallest subnormal
 (:math:`6 \times 10^{-8}`) flush to zero, Adam's :math:`\epsilon = 10^{-8}` is itself zero in
 float16, and :math:`g^2` underflows; what each optimizer makes of this is measured. A run
-*fails* when its late loss is not finite or not below the unigram entropy.
+*fails* when its late loss is not finite or not below the unigram model's loss on its fixed
+batch (:func:`text.unigram_loss`).
 ``adaptx.dynamic_loss_scale`` multiplies the loss by a scale it adapts before
 differentiating and unscales the gradients.
 
@@ -64,7 +65,7 @@ def workload(
         loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, context)),
         steps=steps,
         learning_rate=lr,
-        fail_above=text.unigram_entropy(),
+        fail_above=text.unigram_loss(fixed[1][:, -1]),
         eval_loss=lambda params: lm_loss(params, *fixed),
     )
 

@@ -71,6 +71,12 @@ def final_loss(loss: np.ndarray) -> float:
     return float(_finite_or_inf(loss)[-1])
 
 
+def failed(late: float, fail_above: float | None) -> bool:
+    """A run fails when its late loss is not at or below ``fail_above`` (NaN and inf fail);
+    with no level (``None``) it never does."""
+    return bool(fail_above is not None and not late <= fail_above)
+
+
 def run_figures(
     loss: np.ndarray, fail_above: float | None, minibatch: np.ndarray | None = None
 ) -> dict:
@@ -84,7 +90,7 @@ def run_figures(
         "episodes": spike_episodes(loss),
         "late": late,
         "final": final_loss(loss),
-        "failed": bool(fail_above is not None and not late <= fail_above),
+        "failed": failed(late, fail_above),
         "nonfinite": bool(not np.all(np.isfinite(loss))),
     }
     if minibatch is not None:

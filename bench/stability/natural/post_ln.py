@@ -11,7 +11,8 @@ its layer norm (the original Transformer's Post-LN):
 The gradient of the last layers is large at initialisation and the residual branch is
 amplified through the stack (Xiong et al. 2020; Liu et al. 2020); trained with Adam at a
 constant learning rate from the first step (no warm-up), the run can blow up or stall at
-the unigram level. A run *fails* when its late loss is not below the unigram entropy.
+the unigram level. A run *fails* when its late loss is not below the unigram model's loss on
+the fixed batch (:func:`text.unigram_loss`).
 
 References:
   Xiong et al., `On Layer Normalization in the Transformer Architecture
@@ -116,7 +117,7 @@ def workload(
         loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, length)),
         steps=steps,
         learning_rate=lr,
-        fail_above=text.unigram_entropy(),
+        fail_above=text.unigram_loss(fixed[1]),
         eval_loss=lambda params: lm_loss(params, *fixed),
     )
 

@@ -13,8 +13,8 @@ undoes the training. Global-norm clipping is the paper's remedy.
   run *succeeds* when its late loss is below 0.04 (the paper's criterion is on the error
   rate; 0.04 is well below chance).
 * ``char``: a character-level RNN language model on the reviews text, trained with SGD;
-  a run *fails* when its late loss is not below the unigram entropy (it learnt nothing a
-  context-free model could not).
+  a run *fails* when its late loss is not below the unigram model's loss on the fixed batch
+  (:func:`text.unigram_loss`: it learnt nothing a context-free model could not).
 
 References:
   Pascanu, Mikolov and Bengio, `On the difficulty of training recurrent neural networks
@@ -167,7 +167,7 @@ def char(
         steps=steps,
         learning_rate=adam_lr,
         sgd_learning_rate=sgd_lr,
-        fail_above=text.unigram_entropy(),
+        fail_above=text.unigram_loss(fixed[1]),
         eval_loss=lambda params: lm_loss(params, *fixed),
     )
 
