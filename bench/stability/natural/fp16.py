@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.stability.natural import text
-from bench.stability.natural.runner import Workload, fixed_key
+from bench.stability.natural.runner import Workload, sampled
 
 FIXED_BATCHES = 4
 """The fixed batch holds this many training batches' worth of contexts."""
@@ -57,16 +57,17 @@ def workload(
         h = jnp.tanh(h @ params["w1"] + params["b1"])
         return text.cross_entropy(h @ params["w2"] + params["b2"], y[:, -1])
 
-    fixed = text.batch(fixed_key(), data, FIXED_BATCHES * batch, context)
+    draw = lambda key, size: text.batch(key, data, size, context)  # noqa: E731
+    losses = sampled(lm_loss, draw, batch, FIXED_BATCHES * batch)
     return Workload(
         name=f"fp16 MLP LM h{hidden} lr{lr:g}",
         family="fp16",
         init=_init(context, embed, hidden),
-        loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, context)),
+        loss=losses.loss,
         steps=steps,
         learning_rate=lr,
-        fail_above=text.unigram_loss(fixed[1][:, -1]),
-        eval_loss=lambda params: lm_loss(params, *fixed),
+        fail_above=text.unigram_loss(losses.fixed[1][:, -1]),
+        eval_loss=losses.eval_loss,
     )
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.stability.natural import text
-from bench.stability.natural.runner import Workload, fixed_key
+from bench.stability.natural.runner import Workload, sampled
 
 FIXED_WINDOWS = 32
 """Windows in the fixed batch (4x the training batch)."""
@@ -109,16 +109,17 @@ def workload(
     def lm_loss(params, x, y):
         return text.cross_entropy(forward(params, x, heads), y)
 
-    fixed = text.batch(fixed_key(), data, FIXED_WINDOWS, length)
+    draw = lambda key, size: text.batch(key, data, size, length)  # noqa: E731
+    losses = sampled(lm_loss, draw, batch, FIXED_WINDOWS)
     return Workload(
         name=f"Post-LN L{layers} d{d} lr{lr:g}",
         family="post_ln",
         init=_init(layers, d, length),
-        loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, length)),
+        loss=losses.loss,
         steps=steps,
         learning_rate=lr,
-        fail_above=text.unigram_loss(fixed[1]),
-        eval_loss=lambda params: lm_loss(params, *fixed),
+        fail_above=text.unigram_loss(losses.fixed[1]),
+        eval_loss=losses.eval_loss,
     )
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.stability.natural import text
-from bench.stability.natural.runner import Workload, fixed_key
+from bench.stability.natural.runner import Workload, sampled
 
 ADDITION_SUCCESS = 0.04
 FIXED_SEQUENCES = 200
@@ -112,17 +112,17 @@ def sequence_workload(
     def loss(params, xs, y):
         return task.read(states(params, xs)[-1] @ params["V"] + params["c"], y)
 
-    fixed = task.batch(fixed_key(), FIXED_SEQUENCES)
+    losses = sampled(loss, task.batch, batch, FIXED_SEQUENCES)
     return Workload(
         name=task.name,
         family=task.family,
         init=rnn_init(task.inputs, hidden, task.outputs, radius),
-        loss=lambda params, key: loss(params, *task.batch(key, batch)),
+        loss=losses.loss,
         steps=steps,
         learning_rate=adam_lr,
         sgd_learning_rate=sgd_lr,
         fail_above=task.fail_above,
-        eval_loss=lambda params: loss(params, *fixed),
+        eval_loss=losses.eval_loss,
     )
 
 
@@ -158,17 +158,18 @@ def char(
         hs = states(params, jax.nn.one_hot(x.T, vocab))
         return text.cross_entropy(hs @ params["V"] + params["c"], y.T)
 
-    fixed = text.batch(fixed_key(), data, FIXED_WINDOWS, length)
+    draw = lambda key, size: text.batch(key, data, size, length)  # noqa: E731
+    losses = sampled(lm_loss, draw, batch, FIXED_WINDOWS)
     return Workload(
         name=f"char RNN h{hidden} T={length}",
         family="rnn_char",
         init=rnn_init(vocab, hidden, vocab, radius),
-        loss=lambda params, key: lm_loss(params, *text.batch(key, data, batch, length)),
+        loss=losses.loss,
         steps=steps,
         learning_rate=adam_lr,
         sgd_learning_rate=sgd_lr,
-        fail_above=text.unigram_loss(fixed[1]),
-        eval_loss=lambda params: lm_loss(params, *fixed),
+        fail_above=text.unigram_loss(losses.fixed[1]),
+        eval_loss=losses.eval_loss,
     )
 
 

@@ -66,6 +66,27 @@ def fixed_key() -> jax.Array:
     return jax.random.PRNGKey(FIXED_BATCH_KEY)
 
 
+class Sampled(NamedTuple):
+    """What a workload that draws minibatches gives :class:`Workload`: its ``loss`` and
+    ``eval_loss``, and the ``fixed`` batch the latter reads."""
+
+    loss: Callable[[Any, jax.Array], jax.Array]
+    eval_loss: Callable[[Any], jax.Array]
+    fixed: tuple
+
+
+def sampled(loss_on: Callable, draw: Callable, batch: int, fixed_size: int) -> Sampled:
+    """The losses of a workload whose examples are ``draw(key, size) -> batch tuple`` and
+    whose loss is ``loss_on(params, *batch)``: a minibatch of ``batch`` drawn with the step's
+    key, and one fixed batch of ``fixed_size`` drawn with :func:`fixed_key`."""
+    fixed = draw(fixed_key(), fixed_size)
+    return Sampled(
+        loss=lambda params, key: loss_on(params, *draw(key, batch)),
+        eval_loss=lambda params: loss_on(params, *fixed),
+        fixed=fixed,
+    )
+
+
 class Curves(NamedTuple):
     """Per-step losses of one (workload, optimizer) pair, each ``[seeds, steps]`` float32.
 
