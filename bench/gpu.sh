@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device checks, as one script sized to a short lease on one GPU: the versions, the
 # fast test subset on the GPU, then the update-step, monitor and writer benchmarks on the
-# trees that fit the time, and the example's transformer train step. Each part has its own
+# trees that fit the time, the example's transformer train step, and the stability
+# benchmark's step costs (every defense as its code does it) on its tree and a larger one. Each part has its own
 # time limit and a failure of one does not stop the others; everything lands in RESULTS
 # (default $OUT, else bench/results/gpu), packed into one archive after every part so that
 # a cut-off run still returns what it finished.
@@ -46,4 +47,8 @@ part writer 60 "$py" -m bench.writer_cost $q --trees single16,single64,transform
 part train 150 "$py" bench/train_step.py $q --encoder transformer --recipes grad-only,adamw,robust_adamw \
     --batch-size 128 --max-len 128 --embed-dim 256 --hidden-dim 256 --layers 4 --reps 20 \
     --out "$work/train_step_transformer"
+part stability_cost 150 "$py" -m bench.stability --cost-only $q --out "$work/stability_cost"
+large=${QUICK:+64,2,512}
+part stability_cost_large 200 "$py" -m bench.stability --cost-only $q --tree "${large:-1024,8,32768}" \
+    --out "$work/stability_cost_large"
 rm -rf "$work"

@@ -31,6 +31,12 @@ def tree_shapes(d: int = 256, layers: int = 4, vocab: int = 8192) -> dict:
     return shapes
 
 
+def describe(shapes: dict) -> dict:
+    """The timed tree in a line a reader can check: its leaves and parameters."""
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    return {"leaves": len(shapes), "parameters": n}
+
+
 def _step(tx: optax.GradientTransformation):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params, value=jnp.ones([], jnp.float32))

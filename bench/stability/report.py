@@ -213,20 +213,11 @@ def _grid_table(results: dict) -> list[str]:
     return lines
 
 
-def _hp(hp: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in hp.items())
-
-
-def markdown(results: dict) -> str:
-    m = results["meta"]
-    out = [
-        f"# Stability benchmark{' (quick)' if m['quick'] else ''}",
-        "",
-        f"`{m['command']}`, {m['date']}; jax {m['jax']}, optax {m['optax']}, {m['device']}.",
-        "",
+def _replay_sections(results: dict) -> list[str]:
+    return [
         "## Traces",
         "",
-        *_traces_table(m["traces"]),
+        *_traces_table(results["meta"]["traces"]),
         "",
         "## Defenses (held-out runs only)",
         "",
@@ -241,24 +232,44 @@ def markdown(results: dict) -> str:
         *_rates_table(results),
         "",
     ]
+
+
+def _cost_section(results: dict) -> list[str]:
+    src = results["meta"].get("cost_from")
+    tree = results["meta"].get("cost_tree")
+    what = (
+        f"a tree of {tree['leaves']} leaves, {tree['parameters'] / 1e6:.1f}M parameters"
+        if tree
+        else "the tree of `cost.tree_shapes()`"
+    )
+    out = [f"## Step time ({what}; ratios against `adaptx.adamw` unless a pair is named)", ""]
+    if src:
+        out += [
+            f"Timed by `{src['command']}` on {src['date']} (jax {src['jax']}, "
+            f"{src['device']}) and read from `{src['path']}`: a step's cost does not "
+            "depend on the traces.",
+            "",
+        ]
+    return [*out, *_cost_table(results), ""]
+
+
+def _hp(hp: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in hp.items())
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    title = "Stability benchmark" if "scores" in results else "Stability benchmark: step time"
+    out = [
+        f"# {title}{' (quick)' if m['quick'] else ''}",
+        "",
+        f"`{m['command']}`, {m['date']}; jax {m['jax']}, optax {m['optax']}, {m['device']}.",
+        "",
+    ]
+    if "scores" in results:
+        out += _replay_sections(results)
     if "cost" in results:
-        src = results["meta"].get("cost_from")
-        out += [
-            "## Step time (the tree of `cost.tree_shapes()`; ratios against `adaptx.adamw`"
-            " unless a pair is named)",
-            "",
-        ]
-        if src:
-            out += [
-                f"Timed by `{src['command']}` on {src['date']} (jax {src['jax']}, "
-                f"{src['device']}) and read from `{src['path']}`: a step's cost does not "
-                "depend on the traces.",
-                "",
-            ]
-        out += [
-            *_cost_table(results),
-            "",
-        ]
+        out += _cost_section(results)
     if "grid" in results:
         g = results["grid"]
         ties = [_hp(g["rows"][i]["hp"]) for i in g["ties"] if i != g["pick"]]

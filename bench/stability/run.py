@@ -3,6 +3,7 @@
     python -m bench.stability            # all traces and defenses, calibration grid, step cost
     python -m bench.stability --quick    # two short traces, no grid, a short cost run
     python -m bench.stability --no-cost --defenses "adaptx.robust_adamw,none"
+    python -m bench.stability --cost-only --tree 1024,8,32768   # the step time alone
 
 Replays every trace of ``traces.npz`` (recorded by ``python -m bench.stability.record``)
 through every defense of ``defenses.py``, clean and with each fault of ``faults.py``,
@@ -120,7 +121,9 @@ def calibrate(traces: dict, meta: dict) -> dict:
     return {"rows": rows, "pick": best, "ties": ties, "rule": PICK_RULE, "defaults": DEFAULTS}
 
 
-def step_cost(chosen, quick: bool) -> dict:
+def step_cost(chosen, quick: bool, tree: tuple[int, int, int] | None = None) -> dict:
+    """Each defense's step time against ``adaptx.adamw``'s, on ``cost.tree_shapes(*tree)``
+    (its default tree when ``None``)."""
     clipped, plain = "AdamW + update clip, no detector or guard", "AdamW, no detector or guard"
     variants = {"adaptx.adamw": lambda: adaptx.adamw(defenses.LR, max_norm=None)}
     variants[clipped] = probes.unguarded_chain
@@ -136,8 +139,28 @@ def step_cost(chosen, quick: bool) -> dict:
         for d in chosen
         if d.name.startswith("adaptx.robust_adamw")
     }
-    kw = dict(rounds=3, reps=2, shapes=cost.tree_shapes(64, 1, 512)) if quick else {}
+    kw: dict = dict(rounds=3, reps=2, shapes=cost.tree_shapes(64, 1, 512)) if quick else {}
+    if tree is not None:
+        kw["shapes"] = cost.tree_shapes(*tree)
     return cost.paired_ratios(variants, baseline="adaptx.adamw", pairs=pairs, **kw)
+
+
+def _tree(text: str) -> tuple[int, int, int]:
+    try:
+        d, layers, vocab = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tree takes three integers D,LAYERS,VOCAB, got {text!r}"
+        ) from None
+    if min(d, layers, vocab) < 1:
+        raise argparse.ArgumentTypeError(f"--tree takes positive integers, got {text!r}")
+    return d, layers, vocab
+
+
+def _cost_shapes(args) -> dict:
+    if args.tree is not None:
+        return cost.tree_shapes(*args.tree)
+    return cost.tree_shapes(64, 1, 512) if args.quick else cost.tree_shapes()
 
 
 def main(argv=None) -> dict:
@@ -154,15 +177,29 @@ def main(argv=None) -> dict:
         help="take the step-time section from an earlier result instead of timing it "
         "(the step costs do not depend on the traces; time them on a quiet machine)",
     )
+    p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="time the steps and nothing else (no replay, no grid): the part to run on a GPU",
+    )
+    p.add_argument(
+        "--tree",
+        default=None,
+        type=_tree,
+        metavar="D,LAYERS,VOCAB",
+        help="the timed tree's width, depth and vocabulary (default: cost.tree_shapes()'s)",
+    )
     p.add_argument("--out", default="bench/results/stability", help="path prefix of .json/.md")
     args = p.parse_args(argv)
 
-    traces, meta = load_traces(Path(args.traces), args.quick)
+    if args.cost_only and (args.cost_from or args.no_cost):
+        p.error("--cost-only times the steps: it takes neither --cost-from nor --no-cost")
+    traces, meta = ({}, {}) if args.cost_only else load_traces(Path(args.traces), args.quick)
     check_split(meta)
     names = args.defenses.split(",") if args.defenses else [d.name for d in defenses.DEFENSES]
     chosen = [defenses.by_name(n) for n in names]
     print(f"{len(traces)} traces, {len(chosen)} defenses", flush=True)
-    results = {
+    results: dict = {
         "meta": {
             "quick": args.quick,
             "command": " ".join(
@@ -175,9 +212,10 @@ def main(argv=None) -> dict:
             "machine": platform.processor() or platform.machine(),
             "traces": meta,
         },
-        "scores": score_all(chosen, traces),
     }
-    if not (args.quick or args.no_grid):
+    if not args.cost_only:
+        results["scores"] = score_all(chosen, traces)
+    if not (args.quick or args.no_grid or args.cost_only):
         results["grid"] = calibrate(traces, meta)
     if args.cost_from:
         earlier = json.loads(Path(args.cost_from).read_text())
@@ -187,7 +225,8 @@ def main(argv=None) -> dict:
             **{k: earlier["meta"][k] for k in ("command", "date", "jax", "device")},
         }
     elif not args.no_cost:
-        results["cost"] = step_cost(chosen, args.quick)
+        results["meta"]["cost_tree"] = cost.describe(_cost_shapes(args))
+        results["cost"] = step_cost(chosen, args.quick, args.tree)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

@@ -13,6 +13,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from bench.stability import defenses, faults, observe, peers, record, replay, run
 
@@ -63,6 +64,27 @@ def test_step_costs_can_be_read_from_an_earlier_timed_run_with_its_provenance(tm
     assert json.loads(again.with_suffix(".json").read_text())["meta"]["cost_from"]["path"] == str(
         earlier
     )
+
+
+def test_cost_only_times_the_steps_on_the_named_tree_and_replays_nothing(tmp_path):
+    out = tmp_path / "cost"
+    run.main(["--cost-only", "--tree", "32,1,64", "--out", str(out), "--defenses", "none"])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert set(res) == {"meta", "cost"}
+    # 32x64 embed and head; per layer 32x96, 32x32, 32x128, 128x32, 32 and 128
+    assert res["meta"]["cost_tree"] == {"leaves": 8, "parameters": 2 * 32 * 64 + 12448}
+    assert set(res["cost"]) >= {"adaptx.adamw", "none"}
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Stability benchmark: step time")
+    assert "a tree of 8 leaves, 0.0M parameters" in text and "## Traces" not in text
+
+
+@pytest.mark.parametrize("tree", ["256,4", "a,b,c", "256,0,8192"])
+def test_a_malformed_tree_is_refused_with_its_text(tree, capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--cost-only", "--tree", tree, "--out", "unused"])
+    err = capsys.readouterr().err
+    assert "--tree" in err and repr(tree) in err
 
 
 def test_no_defense_catches_nothing_and_a_skip_everything_rule_catches_all():
