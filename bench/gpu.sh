@@ -47,8 +47,13 @@ part writer 60 "$py" -m bench.writer_cost $q --trees single16,single64,transform
 part train 150 "$py" bench/train_step.py $q --encoder transformer --recipes grad-only,adamw,robust_adamw \
     --batch-size 128 --max-len 128 --embed-dim 256 --hidden-dim 256 --layers 4 --reps 20 \
     --out "$work/train_step_transformer"
-part stability_cost 150 "$py" -m bench.stability --cost-only $q --out "$work/stability_cost"
+# A GPU step takes about a millisecond: longer rounds than on the CPU, for a tighter spread.
+timing="--rounds 25 --reps 40"
+[[ -n ${QUICK:-} ]] && timing="--rounds 3 --reps 2"
+part stability_cost 150 "$py" -m bench.stability --cost-only $q $timing \
+    --out "$work/stability_cost"
 large=${QUICK:+64,2,512}
-part stability_cost_large 200 "$py" -m bench.stability --cost-only $q --tree "${large:-1024,8,32768}" \
+part stability_cost_large 200 "$py" -m bench.stability --cost-only $q $timing \
+    --tree "${large:-1024,8,32768}" \
     --out "$work/stability_cost_large"
 rm -rf "$work"

@@ -121,9 +121,11 @@ def calibrate(traces: dict, meta: dict) -> dict:
     return {"rows": rows, "pick": best, "ties": ties, "rule": PICK_RULE, "defaults": DEFAULTS}
 
 
-def step_cost(chosen, quick: bool, tree: tuple[int, int, int] | None = None) -> dict:
+def step_cost(
+    chosen, quick: bool, tree: tuple[int, int, int] | None = None, **timing: int
+) -> dict:
     """Each defense's step time against ``adaptx.adamw``'s, on ``cost.tree_shapes(*tree)``
-    (its default tree when ``None``)."""
+    (its default tree when ``None``); ``timing``: ``rounds`` and ``reps`` where given."""
     clipped, plain = "AdamW + update clip, no detector or guard", "AdamW, no detector or guard"
     variants = {"adaptx.adamw": lambda: adaptx.adamw(defenses.LR, max_norm=None)}
     variants[clipped] = probes.unguarded_chain
@@ -142,6 +144,7 @@ def step_cost(chosen, quick: bool, tree: tuple[int, int, int] | None = None) -> 
     kw: dict = dict(rounds=3, reps=2, shapes=cost.tree_shapes(64, 1, 512)) if quick else {}
     if tree is not None:
         kw["shapes"] = cost.tree_shapes(*tree)
+    kw |= {k: v for k, v in timing.items() if v is not None}
     return cost.paired_ratios(variants, baseline="adaptx.adamw", pairs=pairs, **kw)
 
 
@@ -155,6 +158,12 @@ def _tree(text: str) -> tuple[int, int, int]:
     if min(d, layers, vocab) < 1:
         raise argparse.ArgumentTypeError(f"--tree takes positive integers, got {text!r}")
     return d, layers, vocab
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer is needed, got {text!r}")
+    return int(text)
 
 
 def _cost_shapes(args) -> dict:
@@ -189,6 +198,13 @@ def main(argv=None) -> dict:
         metavar="D,LAYERS,VOCAB",
         help="the timed tree's width, depth and vocabulary (default: cost.tree_shapes()'s)",
     )
+    for name, default in (("rounds", 15), ("reps", 10)):
+        p.add_argument(
+            f"--{name}",
+            type=_positive,
+            default=None,
+            help=f"step-time {name} (default {default}; the quick run's are smaller)",
+        )
     p.add_argument("--out", default="bench/results/stability", help="path prefix of .json/.md")
     args = p.parse_args(argv)
 
@@ -226,7 +242,9 @@ def main(argv=None) -> dict:
         }
     elif not args.no_cost:
         results["meta"]["cost_tree"] = cost.describe(_cost_shapes(args))
-        results["cost"] = step_cost(chosen, args.quick, args.tree)
+        results["cost"] = step_cost(
+            chosen, args.quick, args.tree, rounds=args.rounds, reps=args.reps
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
