@@ -121,9 +121,7 @@ def calibrate(traces: dict, meta: dict) -> dict:
     return {"rows": rows, "pick": best, "ties": ties, "rule": PICK_RULE, "defaults": DEFAULTS}
 
 
-def step_cost(
-    chosen, quick: bool, tree: tuple[int, int, int] | None = None, **timing: int
-) -> dict:
+def step_cost(chosen, quick: bool, tree: tuple[int, int, int] | None = None, **timing: int) -> dict:
     """Each defense's step time against ``adaptx.adamw``'s, on ``cost.tree_shapes(*tree)``
     (its default tree when ``None``); ``timing``: ``rounds`` and ``reps`` where given."""
     clipped, plain = "AdamW + update clip, no detector or guard", "AdamW, no detector or guard"

@@ -107,6 +107,12 @@ def test_quick_run_writes_a_table_per_workload_and_the_goal(tmp_path):
     assert data["results"]["rnn_addition"]["addition T=10"]["fixed_batch"] is True
     assert data["results"]["adam_spikes"]["w16 d1 smooth lr0.01"]["fixed_batch"] is False
     assert "episodes of the minibatch loss" in text
+    assert "## How much of the late-loss condition is seed noise" in text
+    # re-written from the recorded cells, it keeps the date they were trained
+    sweep.main(["--quick", "--families", "", "--merge", "--out", str(out)])
+    again = json.loads(out.with_suffix(".json").read_text())["meta"]
+    assert again["date"] == data["meta"]["date"] and "rendered" in again
+    assert "from the recorded cells, with no training" in out.with_suffix(".md").read_text()
 
 
 def _noisy_workload(fixed: bool):
@@ -187,3 +193,16 @@ def test_a_language_model_fails_at_the_unigram_models_loss_on_its_own_fixed_batc
     assert abs(w.fail_above - at_the_level) < 1e-4
     # the whole text's entropy is another number: a stalled model would pass or fail by luck
     assert abs(w.fail_above - text.unigram_loss(data)) > 1e-3
+
+
+def test_the_late_condition_against_a_rerun_allows_for_no_more_than_the_seeds_spread():
+    flat = [1.0] * 6
+    assert goal.chance_late_ok(flat, flat) == 1.0  # no spread: a re-run is the same
+    assert goal.chance_late_ok([2.0] * 6, flat) == 0.0  # 2x worse on every seed: never
+    assert goal.chance_late_ok([float("inf")] * 3, [float("inf")] * 3) == 1.0  # a tie
+    assert goal.chance_late_ok([float("inf")] * 3, flat) == 0.0
+    # one optimizer against a re-run of itself, seeds spread 25x: about a coin's toss,
+    # not the certainty that comparing one set of seeds with itself would give
+    spread = list(np.geomspace(1e-7, 2.5e-6, 10))
+    assert 0.4 < goal.chance_late_ok(spread, spread) < 0.8
+    assert goal.chance_late_ok(spread, spread, seed=1) != goal.chance_late_ok(spread, spread)

@@ -19,6 +19,8 @@ the episode count also counts minibatch noise, and a reader who takes the goal's
 
 from __future__ import annotations
 
+import numpy as np
+
 from bench.stability.natural.optimizers import CLIP_GRID
 
 SPIKE_RATIO = 0.25
@@ -86,3 +88,51 @@ def baselines_on_the_late_bar(per_opt: dict, kinds: dict) -> dict:
         lo, hi = (per_opt[min(late, key=late.get)]["late"][k] for k in ("min", "max"))
         spread = hi / lo if lo > 0 else float("inf")
     return {"baselines": baselines, "best_seed_spread": spread}
+
+
+#: Bootstrap draws of :func:`chance_late_ok`.
+DRAWS = 4000
+
+
+def chance_late_ok(candidate: list[float], best: list[float], *, seed: int = 0) -> float:
+    """The chance that condition L holds on a re-run with fresh seeds, by the bootstrap.
+
+    ``candidate`` and ``best`` are per-seed late losses (non-finite as ``inf``). Each draw
+    takes as many seeds as were recorded, with replacement, from each list independently,
+    and asks whether the candidate's median is within :data:`LATE_RATIO` of the best's.
+    Called with the same list twice, it is the chance that an optimizer meets the
+    condition against a re-run of itself: what L allows for seed noise.
+    """
+    rng = np.random.default_rng(seed)
+    a = np.asarray(candidate, np.float64)
+    b = np.asarray(best, np.float64)
+    ma = np.median(rng.choice(a, (DRAWS, a.size)), axis=1)
+    mb = np.median(rng.choice(b, (DRAWS, b.size)), axis=1)
+    with np.errstate(invalid="ignore"):  # inf <= inf is True; both inf: a tie, which holds
+        ok = (ma <= LATE_RATIO * mb) | (np.isinf(ma) & np.isinf(mb))
+    return float(ok.mean())
+
+
+def late_noise(per_opt: dict, kinds: dict, candidate: str) -> dict | None:
+    """How much of condition L is seed noise, on one workload.
+
+    ``"best"``: the optax baseline with the best median late loss; ``"self"``: the chance
+    that it meets L against a re-run of itself (:func:`chance_late_ok`; an upper bound on
+    the chance for any optimizer exactly as good, since the bar is the best of several
+    baselines); ``"candidate"``: the chance that ``candidate`` meets L against a re-run of
+    that baseline (``None`` if it was not run). ``None`` without optax baselines.
+    """
+    late = optax_late(per_opt, kinds)
+    if not late:
+        return None
+    best = min(late, key=late.get)
+    seeds = [s["late"] for s in per_opt[best]["per_seed"]]
+    me = per_opt.get(candidate)
+    return {
+        "best": best,
+        "seeds": len(seeds),
+        "self": chance_late_ok(seeds, seeds),
+        "candidate": None
+        if me is None
+        else chance_late_ok([s["late"] for s in me["per_seed"]], seeds),
+    }

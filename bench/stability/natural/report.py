@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from bench.stability.natural import goal
 
 
@@ -122,6 +124,49 @@ def baseline_bar_matrix(results: dict) -> list[str]:
     return lines
 
 
+def late_noise_table(results: dict, candidates: list[str]) -> list[str]:
+    """Per workload, the chance of meeting condition L on a re-run (``goal.late_noise``):
+    the best optax baseline against itself, and each candidate against that baseline; the
+    last rows: the product over workloads (every one met, if they are independent) and the
+    sum (the expected number met)."""
+    rows = {
+        w: {c: goal.late_noise(cell["optimizers"], cell["kinds"], c) for c in candidates}
+        for per_w in results.values()
+        for w, cell in per_w.items()
+    }
+    lines = [
+        "| workload | best optax baseline (seeds) | itself, re-run | "
+        + " | ".join(f"`{c}`" for c in candidates)
+        + " |",
+        "| --- | --- | --- |" + " --- |" * len(candidates),
+    ]
+    self_p: list[float] = []
+    cand_p: dict[str, list[float]] = {c: [] for c in candidates}
+    for w, per_c in rows.items():
+        first = next((x for x in per_c.values() if x is not None), None)
+        if first is None:
+            continue
+        self_p.append(first["self"])
+        cells = []
+        for c in candidates:
+            x = per_c[c]
+            if x is None or x["candidate"] is None:
+                cells.append("-")
+                continue
+            cand_p[c].append(x["candidate"])
+            cells.append(f"{x['candidate']:.0%}")
+        best = f"`{first['best']}` ({first['seeds']})"
+        lines.append(f"| {w} | {best} | {first['self']:.0%} | " + " | ".join(cells) + " |")
+
+    def summary(label: str, f) -> str:
+        cells = [f(v) if v else "-" for v in cand_p.values()]
+        return f"| {label} | | {f(self_p)} | " + " | ".join(cells) + " |"
+
+    lines.append(summary("all met (product)", lambda v: f"{np.prod(v):.2%}"))
+    lines.append(summary("expected number met (sum)", lambda v: f"{sum(v):.1f} of {len(v)}"))
+    return lines
+
+
 def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> None:
     """``out.md`` and ``out.json``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +177,12 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
         "# Natural instabilities: no fault injected",
         "",
         f"Recorded {meta['date']} (jax {meta['jax']}, optax {meta['optax']}, "
-        f"{meta['backend']}; the seeds of each cell are stated with its table).",
+        f"{meta['backend']}; the seeds of each cell are stated with its table)"
+        + (
+            f"; tables written {meta['rendered']} from the recorded cells, with no training."
+            if "rendered" in meta
+            else "."
+        ),
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
@@ -176,4 +226,17 @@ def write(out: Path, meta: dict, results: dict, goals: dict, notes: dict) -> Non
         "",
     ]
     lines += baseline_bar_matrix(results) + [""]
+    lines += [
+        "## How much of the late-loss condition is seed noise",
+        "",
+        "The chance that condition L holds on a re-run with fresh seeds, by the bootstrap "
+        f"(`goal.chance_late_ok`, {goal.DRAWS} draws): each draw resamples the recorded seeds "
+        "of both optimizers, with replacement, and compares their medians. *Itself, re-run*: "
+        "the best optax baseline against a re-run of itself, an upper bound on the chance of "
+        "any optimizer exactly as good (the bar is the best of several baselines, each of "
+        "which can be lucky). The other columns: each candidate against a re-run of that "
+        "baseline. The last rows treat the workloads as independent.",
+        "",
+    ]
+    lines += late_noise_table(results, list(goals)) + [""]
     out.with_suffix(".md").write_text("\n".join(lines))

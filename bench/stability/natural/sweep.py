@@ -232,9 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     commands: list[str] = []
     previous = Path(args.out).with_suffix(".json")
+    recorded = None  # the date of the last training, kept when nothing is trained now
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
         results, commands = old["results"], old["meta"]["commands"]
+        recorded = old["meta"]["date"]
     if args.include:
         other = json.loads(Path(args.include).read_text())
         _merge(results, other["results"])
@@ -256,8 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
         for c in args.candidates.split(",")
     }
     this_command = shlex.join(["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])])
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    trained = bool(args.families.strip(",")) or args.include or args.rescore or not recorded
     meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": now if trained else recorded,
+        **({} if trained else {"rendered": now}),
         # Each command once, in the order first run (a re-merge adds nothing new).
         "commands": list(dict.fromkeys([*commands, this_command])),
         "jax": jax.__version__,
