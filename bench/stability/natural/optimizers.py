@@ -117,7 +117,9 @@ def mechanism_entries() -> list[Entry]:
     rectified early steps), a 100-step linear warm-up, and two configurations of adaptx's
     parts (robust_adamw without update clipping; robust_adamw with its second moment in the
     parameters' dtype, its default before it became float32; its parts with float32
-    moments)."""
+    moments), and Adam on the gradient divided by its global norm (optax's
+    ``normalize_by_update_norm``), alone and inside robust_adamw's guard with its update
+    clip."""
     f32 = jnp.float32
     return [
         Entry("optax amsgrad", "adam", "mechanism", lambda lr: optax.amsgrad(lr)),
@@ -149,6 +151,25 @@ def mechanism_entries() -> list[Entry]:
             "adam",
             "mechanism",
             lambda lr: adaptx.robust_adamw(lr, nu_dtype=None),
+        ),
+        Entry(
+            "normalized gradient + adamw",
+            "adam",
+            "mechanism",
+            lambda lr: optax.chain(optax.normalize_by_update_norm(), optax.adamw(lr)),
+        ),
+        Entry(
+            "guard(normalized gradient + robust Adam)",
+            "adam",
+            "mechanism",
+            lambda lr: adaptx.guard(
+                adaptx.chain(
+                    optax.normalize_by_update_norm(),
+                    adaptx.scale_by_adam(nu_dtype=f32, update_rms_clip=5.0),
+                    optax.add_decayed_weights(1e-4),
+                    adaptx.scale_by_learning_rate(lr),
+                )
+            ),
         ),
         Entry(
             "robust parts with float32 moments",

@@ -87,7 +87,14 @@ NOTES = {
         "moment in the parameters' dtype, optax's choice, which was its default until the "
         "float16 rows below showed what it costs: `adaptx.robust_adamw` now keeps it in "
         "float32); `robust parts with float32 moments` (robust_adamw's chain with "
-        "`mu_dtype=nu_dtype=float32`)."
+        "`mu_dtype=nu_dtype=float32`); `normalized gradient + adamw` (optax's "
+        "`normalize_by_update_norm` in front of AdamW: Adam sees g / ||g||, so the gradient's "
+        "global scale, rising or falling, never reaches its moments) and `guard(normalized "
+        "gradient + robust Adam)` (the same inside robust_adamw's guard, with its update clip "
+        "and a float32 second moment), tried after the normalized gradient solved the "
+        "temporal order at T = 20 in a probe of that task and the adding problem at T = 10. "
+        "Where a loss reaches float32's noise (the temporal order at T = 20, late loss "
+        "3e-10), a jump from 1e-10 counts as an episode."
     ),
     "goal": (
         "Reference for the spike condition: `optax clip 1 + sgd` on the recurrent "
@@ -123,6 +130,8 @@ CANDIDATES = (
     "optax amsgrad",
     "optax radam",
     "optax adamw + warm-up 100",
+    "normalized gradient + adamw",
+    "guard(normalized gradient + robust Adam)",
 )
 
 
