@@ -206,3 +206,12 @@ def test_the_late_condition_against_a_rerun_allows_for_no_more_than_the_seeds_sp
     spread = list(np.geomspace(1e-7, 2.5e-6, 10))
     assert 0.4 < goal.chance_late_ok(spread, spread) < 0.8
     assert goal.chance_late_ok(spread, spread, seed=1) != goal.chance_late_ok(spread, spread)
+
+
+def test_every_workload_is_in_exactly_one_split_and_each_family_keeps_one_held_out():
+    names = [w.name for fam in sweep.FAMILIES.values() for w in fam.variants(False)]
+    assert set(goal.CALIBRATION) <= set(names)  # no stale name
+    for fam in sweep.FAMILIES.values():
+        split = [goal.split(w.name) for w in fam.variants(False)]
+        assert "held-out" in split  # every family is reported on a workload not tuned on
+        assert split.count("calibration") <= 1
