@@ -121,9 +121,10 @@ def calibrate(traces: dict, meta: dict) -> dict:
     return {"rows": rows, "pick": best, "ties": ties, "rule": PICK_RULE, "defaults": DEFAULTS}
 
 
-def step_cost(chosen, quick: bool, tree: tuple[int, int, int] | None = None, **timing: int) -> dict:
-    """Each defense's step time against ``adaptx.adamw``'s, on ``cost.tree_shapes(*tree)``
-    (its default tree when ``None``); ``timing``: ``rounds`` and ``reps`` where given."""
+def step_cost(chosen, shapes: dict, quick: bool = False, **timing: int | None) -> dict:
+    """Each defense's step time against ``adaptx.adamw``'s on the tree ``shapes`` (see
+    :func:`cost.tree_shapes`); ``timing``: ``rounds`` and ``reps`` where given (the quick
+    run's are 3 and 2)."""
     clipped, plain = "AdamW + update clip, no detector or guard", "AdamW, no detector or guard"
     variants = {"adaptx.adamw": lambda: adaptx.adamw(defenses.LR, max_norm=None)}
     variants[clipped] = probes.unguarded_chain
@@ -139,11 +140,9 @@ def step_cost(chosen, quick: bool, tree: tuple[int, int, int] | None = None, **t
         for d in chosen
         if d.name.startswith("adaptx.robust_adamw")
     }
-    kw: dict = dict(rounds=3, reps=2, shapes=cost.tree_shapes(64, 1, 512)) if quick else {}
-    if tree is not None:
-        kw["shapes"] = cost.tree_shapes(*tree)
+    kw: dict = dict(rounds=3, reps=2) if quick else {}
     kw |= {k: v for k, v in timing.items() if v is not None}
-    return cost.paired_ratios(variants, baseline="adaptx.adamw", pairs=pairs, **kw)
+    return cost.paired_ratios(variants, baseline="adaptx.adamw", pairs=pairs, shapes=shapes, **kw)
 
 
 def _tree(text: str) -> tuple[int, int, int]:
@@ -165,6 +164,7 @@ def _positive(text: str) -> int:
 
 
 def _cost_shapes(args) -> dict:
+    """The timed tree: ``--tree``'s, else a small one for ``--quick``, else the default."""
     if args.tree is not None:
         return cost.tree_shapes(*args.tree)
     return cost.tree_shapes(64, 1, 512) if args.quick else cost.tree_shapes()
@@ -239,10 +239,9 @@ def main(argv=None) -> dict:
             **{k: earlier["meta"][k] for k in ("command", "date", "jax", "device")},
         }
     elif not args.no_cost:
-        results["meta"]["cost_tree"] = cost.describe(_cost_shapes(args))
-        results["cost"] = step_cost(
-            chosen, args.quick, args.tree, rounds=args.rounds, reps=args.reps
-        )
+        shapes = _cost_shapes(args)
+        results["meta"]["cost_tree"] = cost.describe(shapes)
+        results["cost"] = step_cost(chosen, shapes, args.quick, rounds=args.rounds, reps=args.reps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
