@@ -78,6 +78,10 @@ def train(
     """``steps`` steps on ``dataset.train`` (reshuffled each epoch), batched by ``batches``
     (the example's ``data.batches``); the per-step history (training loss, global gradient
     norm), the test accuracy and the trained model."""
+    if len(dataset.train) < batch_size:  # no full batch: the loop below would never end
+        raise ValueError(
+            f"batch_size={batch_size} is more than the {len(dataset.train)} training examples"
+        )
     model = ConvClassifier(len(dataset.encoder.vocab), dataset.num_classes, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     rng = np.random.default_rng(seed)

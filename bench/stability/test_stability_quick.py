@@ -199,3 +199,5 @@ def test_the_cnn_trace_trains_its_batchnorm_statistics_and_records_every_step():
     # the forward pass wrote BatchNorm's running statistics, and the test pass used them
     assert float(jnp.abs(out["model"].bn1.mean[...]).max()) > 0
     assert 0.0 <= out["test_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="batch_size=128 is more than the 64"):
+        cnn.train(ds, optax.adamw(1e-2), steps=1, seed=0, batch_size=128, batches=data.batches)
