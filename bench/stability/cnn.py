@@ -68,16 +68,33 @@ def _train_step(model, optimizer, tokens, labels, weights):
 
 
 @nnx.jit
+def _spiked_step(model, optimizer, tokens, labels, weights, factor):
+    """:func:`_train_step` on the gradient times ``factor`` (an injected fault). A step of
+    its own: the recorded traces' step stays the program it was."""
+    loss, grads = nnx.value_and_grad(_loss)(model, tokens, labels, weights)
+    grads = jax.tree.map(lambda g: g * factor, grads)
+    optimizer.update(model, grads)
+    return loss, optax.tree.norm(grads)
+
+
+@nnx.jit
 def _correct(model, tokens, labels, weights):
     return ((model(tokens).argmax(-1) == labels) * weights).sum()
 
 
 def train(
-    dataset, tx: optax.GradientTransformation, steps: int, seed: int, batch_size: int, batches
+    dataset,
+    tx: optax.GradientTransformation,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    batches,
+    spikes: dict[int, float] | None = None,
 ):
     """``steps`` steps on ``dataset.train`` (reshuffled each epoch), batched by ``batches``
-    (the example's ``data.batches``); the per-step history (training loss, global gradient
-    norm), the test accuracy and the trained model."""
+    (the example's ``data.batches``), the gradient of step ``t`` multiplied by
+    ``spikes[t]`` where given; the per-step history (training loss, global norm of the
+    gradient the optimizer received), the test accuracy and the trained model."""
     if len(dataset.train) < batch_size:  # no full batch: the loop below would never end
         raise ValueError(
             f"batch_size={batch_size} is more than the {len(dataset.train)} training examples"
@@ -89,7 +106,12 @@ def train(
     model.train()
     while len(history) < steps:
         for tokens, labels, weights in batches(dataset.train, batch_size, rng, drop_last=True):
-            loss, norm = _train_step(model, optimizer, tokens, labels, weights)
+            t = len(history)
+            if spikes and t in spikes:
+                factor = jnp.float32(spikes[t])
+                loss, norm = _spiked_step(model, optimizer, tokens, labels, weights, factor)
+            else:
+                loss, norm = _train_step(model, optimizer, tokens, labels, weights)
             history.append({"loss": float(loss), "grad_norm": float(norm)})
             if len(history) == steps:
                 break

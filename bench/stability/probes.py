@@ -1,9 +1,10 @@
-"""The small measurements behind three of the recipe's choices, one command each.
+"""The small measurements behind the recipe's choices and limits, one command each.
 
 python -m bench.stability.probes update-rms   # how often update clipping acts, by threshold
 python -m bench.stability.probes decay        # LR-independent weight decay on the LM, seed 0
 python -m bench.stability.probes passes       # full-size passes of robust_adamw and its chain
 python -m bench.stability.probes spike-response  # the step at a 1e4x spike, and the recovery after
+python -m bench.stability.probes missed-spikes   # does a 10x spike it lets through hurt the CNN?
 """
 
 from __future__ import annotations
@@ -204,11 +205,43 @@ def spike_response() -> None:
         print(f"| {name} | {worst_ratio:.2f} | {rec} |", flush=True)
 
 
+#: The CNN trace on which robust_adamw lets 10x spikes through, and its length.
+MISSED_SPIKES_TRACE, MISSED_SPIKES_STEPS = "cnn-bn-bs32-lr0.005-s3", 1200
+
+
+def missed_spikes() -> None:
+    """The constant-rate CNN of the traces trained again, 3 seeds, with the replay's
+    steady-state 10x spikes of that trace injected into the gradient and without, under
+    optax.adamw and robust_adamw (which lets 2 of those 5 through in the replay)."""
+    import json
+
+    import adaptx
+    from bench.stability import faults
+    from bench.stability.record import HERE, cnn_classifier
+
+    names = list(json.loads((HERE / "traces.json").read_text()))
+    at = faults.steady_steps(MISSED_SPIKES_STEPS, seed=names.index(MISSED_SPIKES_TRACE))
+    print(f"10x spikes at steps {at.tolist()}; test accuracy, mean (min-max) of seeds 3-5")
+    print("| optimizer | no spike | 10x spikes |\n| --- | --- | --- |")
+    for name, make in (("optax.adamw", None), ("adaptx.robust_adamw", adaptx.robust_adamw)):
+        cells = []
+        for spikes in (None, {int(t): 10.0 for t in at}):
+            acc = [
+                cnn_classifier(s, MISSED_SPIKES_STEPS, 5e-3, 32, make_tx=make, spikes=spikes)[
+                    "final"
+                ]
+                for s in (3, 4, 5)
+            ]
+            cells.append(f"{np.mean(acc):.4f} ({min(acc):.4f}-{max(acc):.4f})")
+        print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
+
+
 PROBES = {
     "update-rms": update_rms,
     "decay": decay,
     "passes": passes,
     "spike-response": spike_response,
+    "missed-spikes": missed_spikes,
 }
 
 

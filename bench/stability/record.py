@@ -86,11 +86,19 @@ def rnn(seed: int, steps: int) -> dict:
 
 
 def cnn_classifier(
-    seed: int, steps: int, constant_lr: float | None = None, batch_size: int = 64
+    seed: int,
+    steps: int,
+    constant_lr: float | None = None,
+    batch_size: int = 64,
+    *,
+    make_tx=None,
+    spikes: dict[int, float] | None = None,
 ) -> dict:
     """:mod:`bench.stability.cnn`'s convolutional classifier with BatchNorm and dropout, on
     the transformer runs' data; optax.adamw, no clip, on their learning-rate schedule or,
-    as Flax's MNIST tutorial trains, at ``constant_lr`` with no warm-up."""
+    as Flax's MNIST tutorial trains, at ``constant_lr`` with no warm-up. For the probes:
+    ``make_tx(lr, weight_decay)`` instead of optax.adamw, and ``spikes`` injected (see
+    :func:`bench.stability.cnn.train`)."""
     import optax
 
     from bench.stability import cnn
@@ -100,8 +108,8 @@ def cnn_classifier(
     config = train.Config(**fields, seed=seed, progress=False, batch_size=batch_size)
     dataset = train.load_data(config)
     lr = train.learning_rate(config, steps) if constant_lr is None else constant_lr
-    tx = optax.adamw(lr, weight_decay=config.weight_decay)
-    result = cnn.train(dataset, tx, steps, seed, batch_size, example("data").batches)
+    tx = (make_tx or optax.adamw)(lr, weight_decay=config.weight_decay)
+    result = cnn.train(dataset, tx, steps, seed, batch_size, example("data").batches, spikes)
     schedule = "the example's schedule" if constant_lr is None else f"constant lr {constant_lr:g}"
     return {
         "history": result["history"],

@@ -199,5 +199,10 @@ def test_the_cnn_trace_trains_its_batchnorm_statistics_and_records_every_step():
     # the forward pass wrote BatchNorm's running statistics, and the test pass used them
     assert float(jnp.abs(out["model"].bn1.mean[...]).max()) > 0
     assert 0.0 <= out["test_accuracy"] <= 1.0
+    # an injected spike multiplies the gradient of its step alone
+    spiked = cnn.train(ds, optax.adamw(1e-2), 5, 0, 16, data.batches, spikes={3: 10.0})["history"]
+    norms = [h["grad_norm"] for h in out["history"][:5]]
+    assert [h["grad_norm"] for h in spiked[:3]] == pytest.approx(norms[:3], rel=1e-5)
+    assert spiked[3]["grad_norm"] == pytest.approx(10 * norms[3], rel=1e-4)
     with pytest.raises(ValueError, match="batch_size=128 is more than the 64"):
         cnn.train(ds, optax.adamw(1e-2), steps=1, seed=0, batch_size=128, batches=data.batches)
