@@ -111,10 +111,11 @@ def cnn_classifier(
     tx = (make_tx or optax.adamw)(lr, weight_decay=config.weight_decay)
     result = cnn.train(dataset, tx, steps, seed, batch_size, example("data").batches, spikes)
     schedule = "the example's schedule" if constant_lr is None else f"constant lr {constant_lr:g}"
+    name = "optax.adamw (no clipping)" if make_tx is None else make_tx.__name__
     return {
         "history": result["history"],
         "config": {"model": "bench.stability.cnn.ConvClassifier", **dataclasses.asdict(config)},
-        "optimizer": f"optax.adamw (no clipping), {schedule}",
+        "optimizer": f"{name}, {schedule}",
         "final": result["test_accuracy"],
         "learned": result["test_accuracy"] >= 0.6,
     }

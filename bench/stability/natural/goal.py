@@ -130,26 +130,29 @@ def chance_late_ok(candidate: list[float], best: list[float], *, seed: int = 0) 
     return float(ok.mean())
 
 
-def late_noise(per_opt: dict, kinds: dict, candidate: str) -> dict | None:
+def late_noise(per_opt: dict, kinds: dict, candidates: list[str]) -> dict | None:
     """How much of condition L is seed noise, on one workload.
 
-    ``"best"``: the optax baseline with the best median late loss; ``"self"``: the chance
-    that it meets L against a re-run of itself (:func:`chance_late_ok`; an upper bound on
-    the chance for any optimizer exactly as good, since the bar is the best of several
-    baselines); ``"candidate"``: the chance that ``candidate`` meets L against a re-run of
-    that baseline (``None`` if it was not run). ``None`` without optax baselines.
+    ``"best"``: the optax baseline with the best median late loss, and its ``"seeds"``;
+    ``"self"``: the chance that it meets L against a re-run of itself
+    (:func:`chance_late_ok`; an upper bound on the chance for any optimizer exactly as
+    good, since the bar is the best of several baselines); ``"candidates"``: for each of
+    ``candidates``, the chance that it meets L against a re-run of that baseline (``None``
+    if it was not run). ``None`` without optax baselines.
     """
     late = optax_late(per_opt, kinds)
     if not late:
         return None
     best = min(late, key=late.get)
     seeds = [s["late"] for s in per_opt[best]["per_seed"]]
-    me = per_opt.get(candidate)
     return {
         "best": best,
         "seeds": len(seeds),
         "self": chance_late_ok(seeds, seeds),
-        "candidate": None
-        if me is None
-        else chance_late_ok([s["late"] for s in me["per_seed"]], seeds),
+        "candidates": {
+            c: chance_late_ok([s["late"] for s in per_opt[c]["per_seed"]], seeds)
+            if c in per_opt
+            else None
+            for c in candidates
+        },
     }

@@ -70,7 +70,8 @@ def goal_table(goals: dict) -> list[str]:
 def goal_matrix(goals: dict) -> list[str]:
     """One row per candidate, one column per workload: ``yes`` or the conditions it misses."""
     workloads = list(next(iter(goals.values()), {}))
-    heads = [f"{w} (calibration)" if goal.split(w) == "calibration" else w for w in workloads]
+    held = {w for w in workloads if goal.split(w) == "held-out"}
+    heads = [w if w in held else f"{w} (calibration)" for w in workloads]
     lines = [
         "| candidate | " + " | ".join(heads) + " | met on | met on held-out |",
         "| --- |" + " --- |" * (len(workloads) + 2),
@@ -85,7 +86,7 @@ def goal_matrix(goals: dict) -> list[str]:
             keys = ("episodes_ok", "failures_ok", "late_ok", "success_ok")
             missed = [k[0].upper() for k in keys if g.get(k) is False]
             met += g["met"]
-            if goal.split(w) == "held-out":
+            if w in held:
                 held_met += g["met"]
                 held_ran += 1
             cells.append("yes" if g["met"] else "no: " + "".join(missed))
@@ -135,11 +136,6 @@ def late_noise_table(results: dict, candidates: list[str]) -> list[str]:
     the best optax baseline against itself, and each candidate against that baseline; the
     last rows: the product over workloads (every one met, if they are independent) and the
     sum (the expected number met)."""
-    rows = {
-        w: {c: goal.late_noise(cell["optimizers"], cell["kinds"], c) for c in candidates}
-        for per_w in results.values()
-        for w, cell in per_w.items()
-    }
     lines = [
         "| workload | best optax baseline (seeds) | itself, re-run | "
         + " | ".join(f"`{c}`" for c in candidates)
@@ -148,21 +144,18 @@ def late_noise_table(results: dict, candidates: list[str]) -> list[str]:
     ]
     self_p: list[float] = []
     cand_p: dict[str, list[float]] = {c: [] for c in candidates}
-    for w, per_c in rows.items():
-        first = next((x for x in per_c.values() if x is not None), None)
-        if first is None:
-            continue
-        self_p.append(first["self"])
-        cells = []
-        for c in candidates:
-            x = per_c[c]
-            if x is None or x["candidate"] is None:
-                cells.append("-")
+    for per_w in results.values():
+        for w, cell in per_w.items():
+            x = goal.late_noise(cell["optimizers"], cell["kinds"], candidates)
+            if x is None:
                 continue
-            cand_p[c].append(x["candidate"])
-            cells.append(f"{x['candidate']:.0%}")
-        best = f"`{first['best']}` ({first['seeds']})"
-        lines.append(f"| {w} | {best} | {first['self']:.0%} | " + " | ".join(cells) + " |")
+            self_p.append(x["self"])
+            for c, chance in x["candidates"].items():
+                if chance is not None:
+                    cand_p[c].append(chance)
+            cells = ["-" if p is None else f"{p:.0%}" for p in x["candidates"].values()]
+            best = f"`{x['best']}` ({x['seeds']})"
+            lines.append(f"| {w} | {best} | {x['self']:.0%} | " + " | ".join(cells) + " |")
 
     def summary(label: str, f) -> str:
         cells = [f(v) if v else "-" for v in cand_p.values()]

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     this_command = shlex.join(["python", "-m", "bench.stability.natural", *(argv or sys.argv[1:])])
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    trained = bool(args.families.strip(",")) or args.include or args.rescore or not recorded
+    trained = bool(args.families.strip(",") or args.include or args.rescore or not recorded)
     meta = {
         "date": now if trained else recorded,
         **({} if trained else {"rendered": now}),
